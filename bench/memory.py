@@ -1,0 +1,83 @@
+"""Forward+backward throughput of one memory layer against lucidrains' titans-pytorch, in the same process.
+
+    python bench/memory.py                      # CPU shape of issue 2: D=256 H=4 d=64 C=16 B=2 T=1024 depth 2
+    python bench/memory.py --dim 1024 --heads 16 --chunk 64 --batch 4 --seq 4096 --device cuda
+
+Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory with its default batch_size=None (every
+inner gradient taken at the initial weights) and with batch_size = chunk (the paper's rule, which we compute).
+Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from titans_parallel.memory import NeuralMemory
+
+
+def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, warmup: int, reps: int) -> float:
+    """Median seconds of one forward+backward."""
+    times = []
+    for i in range(warmup + reps):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = module(x)[0]
+        out.float().square().mean().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true", help="time titans-parallel only")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.seq, args.dim, device=args.device)
+    tokens = args.batch * args.seq
+    runs = {
+        "titans-parallel (paper rule)": NeuralMemory(
+            args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk
+        )
+    }
+    if not args.no_peer:
+        from titans_pytorch import NeuralMemory as LucidrainsMemory
+
+        for label, batch_size in (("lucidrains default (batch_size=None)", None), ("lucidrains paper rule", args.chunk)):
+            runs[label] = LucidrainsMemory(
+                args.dim, chunk_size=args.chunk, batch_size=batch_size, dim_head=args.head_dim, heads=args.heads,
+                default_model_kwargs=dict(depth=args.depth, expansion_factor=4.0),
+            )
+    print(f"shape: B={args.batch} T={args.seq} D={args.dim} H={args.heads} d={args.head_dim} chunk={args.chunk} "
+          f"depth={args.depth} device={args.device} threads={torch.get_num_threads()}")
+    rates = {}
+    for label, module in runs.items():
+        seconds = time_fwd_bwd(module.to(args.device), x, args.warmup, args.reps)
+        rates[label] = tokens / seconds
+        print(f"{label:40s} {rates[label]:12,.0f} tokens/s  ({seconds * 1e3:8.1f} ms fwd+bwd)")
+    ours = rates["titans-parallel (paper rule)"]
+    for label, rate in rates.items():
+        if not label.startswith("titans-parallel"):
+            print(f"ratio titans-parallel / {label}: {ours / rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

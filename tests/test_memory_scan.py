@@ -1,0 +1,140 @@
+"""memory_scan (chunked dual form) against memory_scan_reference (token loop with autograd inner gradients)."""
+
+import pytest
+import torch
+
+from titans_parallel.memory import MemoryState, memory_scan, memory_scan_reference
+
+B, H, D = 2, 2, 4
+F64 = torch.float64
+
+
+def make_inputs(T, depth, seed=0, expansion=2, dtype=F64, eta_scale=1.0, alpha_scale=0.2, momentum_scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    q, k, v = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    theta = 0.2 * torch.rand(B, H, T, generator=g, dtype=F64)
+    eta = 0.9 * eta_scale * torch.rand(B, H, T, generator=g, dtype=F64)
+    alpha = alpha_scale * torch.rand(B, H, T, generator=g, dtype=F64)
+    widths = [D] + [expansion * D] * (depth - 1) + [D]
+    weights = tuple(rand(B, H, widths[i], widths[i + 1]) / widths[i] ** 0.5 for i in range(depth))
+    momentum = tuple(momentum_scale * rand(*w.shape) for w in weights)
+    tensors = dict(q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
+    return {n: t.to(dtype) for n, t in tensors.items()}, MemoryState(weights, momentum)
+
+
+def max_state_diff(a: MemoryState, b: MemoryState) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.weights + a.momentum, b.weights + b.momentum))
+
+
+@pytest.mark.parametrize("retrieve", ["inclusive", "exclusive", "chunk"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_forward_matches_token_loop(depth, chunk_size, retrieve):
+    inputs, state = make_inputs(T=37, depth=depth)  # 37: not a multiple of 3 or 16
+    y, new_state = memory_scan(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve)
+    y_ref, ref_state = memory_scan_reference(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve)
+    assert y.shape == y_ref.shape == (B, H, 37, D)
+    assert (y - y_ref).abs().max().item() <= 1e-10
+    assert max_state_diff(new_state, ref_state) <= 1e-10
+
+
+def loss_and_grads(scan, inputs, state, chunk_size, retrieve, activation="silu"):
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    w = tuple(t.clone().requires_grad_() for t in state.weights)
+    s = tuple(t.clone().requires_grad_() for t in state.momentum)
+    y, out_state = scan(**leaves, state=MemoryState(w, s), chunk_size=chunk_size, retrieve=retrieve, activation=activation)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    loss = loss + sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in out_state.weights + out_state.momentum)
+    grads = torch.autograd.grad(loss, list(leaves.values()) + list(w) + list(s))
+    return dict(zip(list(leaves) + [f"W{i}" for i in range(len(w))] + [f"S{i}" for i in range(len(s))], grads))
+
+
+@pytest.mark.parametrize("retrieve", ["inclusive", "exclusive", "chunk"])
+@pytest.mark.parametrize("depth,chunk_size", [(1, 3), (2, 1), (2, 4), (3, 16)])
+def test_gradients_match_token_loop(depth, chunk_size, retrieve):
+    inputs, state = make_inputs(T=19, depth=depth, seed=2)
+    ours = loss_and_grads(memory_scan, inputs, state, chunk_size, retrieve)
+    ref = loss_and_grads(memory_scan_reference, inputs, state, chunk_size, retrieve)
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1.0
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * scale, name
+
+
+def test_gelu_activation_matches_token_loop():
+    inputs, state = make_inputs(T=11, depth=2, seed=3)
+    ours = loss_and_grads(memory_scan, inputs, state, 4, "inclusive", activation="gelu")
+    ref = loss_and_grads(memory_scan_reference, inputs, state, 4, "inclusive", activation="gelu")
+    for name in ref:
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * (ref[name].abs().max().item() + 1.0), name
+
+
+@pytest.mark.parametrize("split", [3, 6, 12, 21])
+def test_state_carry_equals_one_call(split):
+    inputs, state = make_inputs(T=29, depth=2, seed=4)
+    y, end = memory_scan(**inputs, state=state, chunk_size=3)
+    first = {n: t[:, :, :split] for n, t in inputs.items()}
+    second = {n: t[:, :, split:] for n, t in inputs.items()}
+    y1, mid = memory_scan(**first, state=state, chunk_size=3)
+    y2, end2 = memory_scan(**second, state=mid, chunk_size=3)
+    assert torch.equal(torch.cat([y1, y2], dim=2), y) or (torch.cat([y1, y2], dim=2) - y).abs().max() <= 1e-12
+    assert max_state_diff(end, end2) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(T=5, chunk_size=16),  # T < C
+        dict(T=1, chunk_size=4),  # a single token
+        dict(T=20, chunk_size=4, eta_scale=1e-7),  # eta near 0 (below the clamp)
+        dict(T=20, chunk_size=4, eta_scale=1e-3),  # eta small but above the clamp
+        dict(T=20, chunk_size=4, alpha_scale=0.0),  # alpha = 0: no forgetting
+        dict(T=20, chunk_size=4, momentum_scale=0.0),  # S_0 = 0
+    ],
+)
+def test_edge_cases(case):
+    case = dict(case)
+    T, chunk_size = case.pop("T"), case.pop("chunk_size")
+    inputs, state = make_inputs(T=T, depth=2, seed=5, **case)
+    for retrieve in ("inclusive", "exclusive"):
+        y, st = memory_scan(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve)
+        y_ref, st_ref = memory_scan_reference(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve)
+        assert torch.isfinite(y).all()
+        assert (y - y_ref).abs().max().item() <= 1e-10
+        assert max_state_diff(st, st_ref) <= 1e-10
+
+
+def test_empty_sequence_returns_state_unchanged():
+    inputs, state = make_inputs(T=0, depth=2)
+    y, st = memory_scan(**inputs, state=state, chunk_size=4)
+    assert y.shape == (B, H, 0, D)
+    assert max_state_diff(st, state) == 0.0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_inputs_track_float64(dtype, tol):
+    """fp32 / bf16 inputs (state stays fp32): outputs within `tol` relative to the float64 result on the same inputs."""
+    inputs, state = make_inputs(T=64, depth=2, seed=6)
+    low = {n: t.to(dtype) for n, t in inputs.items()}
+    exact_inputs = {n: t.to(F64) for n, t in low.items()}  # same rounded inputs, exact arithmetic
+    state32 = MemoryState(tuple(w.float() for w in state.weights), tuple(s.float() for s in state.momentum))
+    y, st = memory_scan(**low, state=state32, chunk_size=16)
+    y_exact, st_exact = memory_scan(**exact_inputs, state=state, chunk_size=16)
+    assert y.dtype == dtype and all(w.dtype == torch.float32 for w in st.weights + st.momentum)
+    scale = y_exact.abs().max().item()
+    assert (y.to(F64) - y_exact).abs().max().item() <= tol * scale
+    assert max_state_diff(MemoryState(*[tuple(t.to(F64) for t in ts) for ts in st]), st_exact) <= tol * scale
+
+
+def test_bad_arguments_are_named():
+    inputs, state = make_inputs(T=8, depth=2)
+    with pytest.raises(ValueError, match="theta"):
+        memory_scan(**{**inputs, "theta": inputs["theta"][:, :, :4]}, state=state)
+    with pytest.raises(ValueError, match="retrieve"):
+        memory_scan(**inputs, state=state, retrieve="future")
+    with pytest.raises(ValueError, match="activation"):
+        memory_scan(**inputs, state=state, activation="tanh")
+    with pytest.raises(ValueError, match="state layer 1"):
+        memory_scan(**inputs, state=MemoryState(state.weights[:1] + state.weights[:1], state.momentum))

@@ -1,0 +1,140 @@
+"""`NeuralMemory`: the Titans long-term memory layer (projections, conv, gates, scan, gated output).
+
+Every per-head tensor keeps heads in its leading dimension ([H, ...] parameters, [B, H, T, d] activations) so tensor
+parallelism can split heads across ranks by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .chunked import memory_scan
+from .state import MemoryState
+
+# Gate bias initialisation (the paper gives none): theta starts at theta_max / 2, eta (momentum decay) at 0.9,
+# alpha (forgetting) at 0.01.
+THETA_BIAS_INIT = 0.0
+ETA_BIAS_INIT = math.log(0.9 / 0.1)
+ALPHA_BIAS_INIT = math.log(0.01 / 0.99)
+
+
+@dataclass
+class NeuralMemoryCache:
+    """Streaming state of one `NeuralMemory` layer.
+
+    memory: the memory state at the last chunk boundary. pending: (k, v, theta, eta, alpha) of the tokens read since
+    that boundary (fewer than chunk_size; [B, H, p, d] and [B, H, p]). conv_tail: the last kernel-1 projected q/k/v
+    inputs of the causal conv, [B, kernel-1, H, 3, d].
+    """
+
+    memory: MemoryState
+    pending: tuple[torch.Tensor, ...]
+    conv_tail: torch.Tensor
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory over x [B, T, dim] with `n_heads` heads of width `head_dim`.
+
+    q, k, v = SiLU(causal depthwise conv(x W)), l2-normalised q and k; per-token per-head gates
+    theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.); output = W_o(RMSNorm(y) * SiLU(x W_g)).
+    The memory MLP has `depth` layers, widths head_dim -> expansion*head_dim -> ... -> head_dim, learned initial
+    weights W_0 per head, zero initial momentum.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        head_dim: int,
+        depth: int = 2,
+        expansion: int = 4,
+        chunk_size: int = 16,
+        conv_kernel: int = 4,
+        theta_max: float = 0.1,
+        retrieve: str = "inclusive",
+        activation: str = "silu",
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
+        self.conv_kernel, self.theta_max = conv_kernel, theta_max
+        self.retrieve, self.activation, self.norm_eps = retrieve, activation, norm_eps
+        self.in_proj = nn.Linear(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
+        self.gate_proj = nn.Linear(dim, n_heads * 3)  # per head: theta, eta, alpha
+        self.conv_weight = nn.Parameter(torch.empty(n_heads, 3, head_dim, conv_kernel))
+        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.empty(n_heads, widths[i], widths[i + 1])) for i in range(depth)
+        )
+        self.out_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.out_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.conv_weight, std=1 / math.sqrt(self.conv_kernel))
+        for w in self.initial_weights:
+            nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))
+        nn.init.ones_(self.out_norm_weight)
+        with torch.no_grad():
+            bias = self.gate_proj.bias.view(self.n_heads, 3)
+            bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
+
+    def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
+        """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
+        weights = tuple(w.float().unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
+        ref = self.in_proj.weight
+        H, d = self.n_heads, self.head_dim
+        pending = tuple(ref.new_zeros(batch_size, H, 0, d) for _ in range(2)) + tuple(
+            ref.new_zeros(batch_size, H, 0) for _ in range(3)
+        )
+        tail = ref.new_zeros(batch_size, self.conv_kernel - 1, H, 3, d)
+        return NeuralMemoryCache(MemoryState.from_weights(weights), pending, tail)
+
+    def _qkv(self, u: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv + SiLU on u [B, T, H, 3, d]; returns ([B, H, 3, T, d], new tail)."""
+        B, T = u.shape[:2]
+        full = torch.cat([tail, u], dim=1)
+        channels = full.flatten(2).transpose(1, 2)  # [B, H*3*d, K-1+T]
+        out = F.conv1d(channels, self.conv_weight.reshape(-1, 1, self.conv_kernel), groups=channels.shape[1])
+        out = F.silu(out).view(B, self.n_heads, 3, self.head_dim, T).transpose(-1, -2)
+        return out, full[:, full.shape[1] - (self.conv_kernel - 1) :]
+
+    def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
+        """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
+        returned cache gives the same outputs as one pass, wherever it is split."""
+        B, T, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        cache = cache if cache is not None else self.initial_cache(B)
+        proj = self.in_proj(x).view(B, T, H, 4, d)
+        qkv, tail = self._qkv(proj[:, :, :, :3], cache.conv_tail)
+        q, k, v = F.normalize(qkv[:, :, 0], dim=-1), F.normalize(qkv[:, :, 1], dim=-1), qkv[:, :, 2]
+        gates = torch.sigmoid(self.gate_proj(x).view(B, T, H, 3).permute(0, 2, 3, 1))  # [B, H, 3, T]
+        theta, eta, alpha = self.theta_max * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
+
+        p = cache.pending[0].shape[2]
+        k, v, theta, eta, alpha = (torch.cat([old, new], dim=2) for old, new in zip(cache.pending, (k, v, theta, eta, alpha)))
+        q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)  # pending tokens' outputs were already returned
+        boundary = (p + T) // self.chunk_size * self.chunk_size
+        y_full, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
+        y_rest, _ = self._scan(q, k, v, theta, eta, alpha, memory, boundary, p + T)
+        y = torch.cat([y_full, y_rest], dim=2)[:, :, p:]
+        pending = tuple(t[:, :, boundary:] for t in (k, v, theta, eta, alpha))
+
+        y = y.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].float()
+        y = y.to(x.dtype).transpose(1, 2) * F.silu(proj[:, :, :, 3])
+        return self.out_proj(y.reshape(B, T, H * d)), NeuralMemoryCache(memory, pending, tail)
+
+    def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
+        if end == start:
+            return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state
+        s = slice(start, end)
+        return memory_scan(
+            q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
+            chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation,
+        )

@@ -1,0 +1,63 @@
+"""The token-by-token memory recurrence: slow, obviously right, the spec the fast forms are tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from .state import ACTIVATIONS, GATE_EPS, MemoryState, check_scan_args
+
+
+def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
+    """f(x; W) = sigma(...sigma(x W_1) W_2 ...) W_L on row vectors. x: [B, H, T, d_in], W_l: [B, H, in_l, out_l]."""
+    sigma = ACTIVATIONS[activation][0]
+    for layer, w in enumerate(weights):
+        x = x @ w
+        if layer < len(weights) - 1:
+            x = sigma(x)
+    return x
+
+
+def memory_scan_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    state: MemoryState,
+    chunk_size: int = 1,
+    retrieve: str = "inclusive",
+    activation: str = "silu",
+) -> tuple[torch.Tensor, MemoryState]:
+    """Same contract as `memory_scan`, one token at a time.
+
+    S_t = eta_t S_{t-1} - theta_t grad_W l_t(W_{t'}),  W_t = (1 - alpha_t) W_{t-1} + S_t, where t' is the state at
+    the start of token t's chunk and the inner gradient comes from autograd (independent of the dual form).
+    """
+    check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
+    out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v, theta = (t.to(dtype) for t in (q, k, v, theta))
+    eta = eta.to(dtype).clamp(GATE_EPS, 1.0)
+    keep = (1 - alpha.to(dtype)).clamp(GATE_EPS, 1.0)
+    weights = [w.to(dtype) for w in state.weights]
+    momentum = [s.to(dtype) for s in state.momentum]
+    outputs = []
+    with torch.enable_grad():
+        for t in range(q.shape[2]):
+            if t % chunk_size == 0:
+                chunk_start = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
+                weights = chunk_start
+            if retrieve == "chunk":
+                outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(chunk_start), activation))
+            elif retrieve == "exclusive":
+                outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(weights), activation))
+            pred = memory_mlp(k[:, :, t : t + 1], tuple(chunk_start), activation)
+            loss = (pred - v[:, :, t : t + 1]).pow(2).sum()
+            grads = torch.autograd.grad(loss, chunk_start, create_graph=True)
+            lr, decay, forget_keep = (g[:, :, t, None, None] for g in (theta, eta, keep))
+            momentum = [decay * s - lr * g for s, g in zip(momentum, grads)]
+            weights = [forget_keep * w + s for w, s in zip(weights, momentum)]
+            if retrieve == "inclusive":
+                outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(weights), activation))
+    y = torch.cat(outputs, dim=2) if outputs else q.new_zeros(q.shape[:3] + (v.shape[-1],))
+    return y.to(out_dtype), MemoryState(tuple(weights), tuple(momentum))

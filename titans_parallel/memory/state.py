@@ -1,0 +1,78 @@
+"""Memory state, activations and the gate clamp shared by every form of the memory scan."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+RETRIEVE_MODES = ("inclusive", "exclusive", "chunk")
+
+# eta and (1 - alpha) are clamped to [GATE_EPS, 1] so their logs stay finite (DESIGN.md section 2).
+GATE_EPS = 1e-6
+
+
+class MemoryState(NamedTuple):
+    """State of a depth-L memory MLP, per batch element and head.
+
+    weights[l], momentum[l]: [B, H, in_l, out_l] with widths d -> e*d -> ... -> d. Carried in fp32
+    (or fp64 when the inputs are fp64).
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def from_weights(cls, weights: tuple[torch.Tensor, ...]) -> "MemoryState":
+        """A state at the given weights with zero momentum (S_0 = 0)."""
+        return cls(tuple(weights), tuple(torch.zeros_like(w) for w in weights))
+
+    def detach(self) -> "MemoryState":
+        return MemoryState(tuple(w.detach() for w in self.weights), tuple(s.detach() for s in self.momentum))
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    c = 0.7978845608028654  # sqrt(2 / pi)
+    u = c * (z + 0.044715 * z**3)
+    t = torch.tanh(u)
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+
+
+# name -> (sigma, sigma'), both differentiable so outer gradients flow through the inner update.
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "silu": (F.silu, _silu_grad),
+    "gelu": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad),
+}
+
+
+def check_scan_args(q, k, v, theta, eta, alpha, state: MemoryState, chunk_size: int, retrieve: str, activation: str):
+    """Validate the memory contract's shapes and options; raises ValueError naming the offender."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3] or k.shape[-1] != v.shape[-1]:
+        raise ValueError(f"q, k, v must be [B, H, T, d] alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for name, gate in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if gate.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B, H, T] = {tuple(q.shape[:3])}; got {tuple(gate.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if retrieve not in RETRIEVE_MODES:
+        raise ValueError(f"retrieve must be one of {RETRIEVE_MODES}; got {retrieve!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+    if len(state.weights) == 0 or len(state.weights) != len(state.momentum):
+        raise ValueError("state needs one weight and one momentum tensor per memory layer")
+    width = q.shape[-1]
+    for layer, (w, s) in enumerate(zip(state.weights, state.momentum)):
+        if w.shape != s.shape or w.shape[:2] != q.shape[:2] or w.shape[2] != width:
+            raise ValueError(
+                f"state layer {layer}: weight {tuple(w.shape)} / momentum {tuple(s.shape)} do not chain from width "
+                f"{width} with batch/heads {tuple(q.shape[:2])}"
+            )
+        width = w.shape[3]
+    if width != v.shape[-1]:
+        raise ValueError(f"the memory maps to width {width} but v has width {v.shape[-1]}")
