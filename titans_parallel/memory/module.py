@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chunked import memory_scan
+from .reference import memory_mlp
 from .state import MemoryState
 
 # Gate bias initialisation (the paper gives none): theta starts at theta_max / 2, eta (momentum decay) at 0.9,
@@ -95,14 +96,35 @@ class NeuralMemory(nn.Module):
         tail = ref.new_zeros(batch_size, self.conv_kernel - 1, H, 3, d)
         return NeuralMemoryCache(MemoryState.from_weights(weights), pending, tail)
 
-    def _qkv(self, u: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv + SiLU on u [B, T, H, 3, d]; returns ([B, H, 3, T, d], new tail)."""
-        B, T = u.shape[:2]
+    def _conv(self, u: torch.Tensor, tail: torch.Tensor, channels: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv + SiLU on u [B, T, H, c, d] (projection channels `channels` of q, k, v) after
+        `tail` [B, K-1, H, c, d]; returns ([B, H, c, T, d], the new tail)."""
+        B, T, H, c, d = u.shape
         full = torch.cat([tail, u], dim=1)
-        channels = full.flatten(2).transpose(1, 2)  # [B, H*3*d, K-1+T]
-        out = F.conv1d(channels, self.conv_weight.reshape(-1, 1, self.conv_kernel), groups=channels.shape[1])
-        out = F.silu(out).view(B, self.n_heads, 3, self.head_dim, T).transpose(-1, -2)
+        weight = self.conv_weight[:, channels].reshape(-1, 1, self.conv_kernel)
+        out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
+        out = F.silu(out).view(B, H, c, d, T).transpose(-1, -2)
         return out, full[:, full.shape[1] - (self.conv_kernel - 1) :]
+
+    def _output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm of y [B, H, T, d] (fp32), SiLU gate [B, T, H, d], output projection -> [B, T, dim]."""
+        y = y.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].float()
+        y = y.to(gate.dtype).transpose(1, 2) * F.silu(gate)
+        return self.out_proj(y.flatten(2))
+
+    def read(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None = None):
+        """Retrieval without update (MAC's h = M(q)): queries from x [B, T, dim] through the memory at fixed
+        `weights` (W_l [B, H, in, out]). conv_tail [B, K-1, H, 1, d] continues the query conv of an earlier call.
+        Returns (out [B, T, dim], new conv tail)."""
+        B, T, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        proj = F.linear(x, self.in_proj.weight.view(H, 4, d, -1)[:, [0, 3]].flatten(0, 2)).view(B, T, H, 2, d)
+        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
+        q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
+        q = F.normalize(q[:, :, 0], dim=-1)
+        y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
+        return self._output(y, proj[:, :, :, 1]), tail
 
     def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
         """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
@@ -111,7 +133,7 @@ class NeuralMemory(nn.Module):
         H, d = self.n_heads, self.head_dim
         cache = cache if cache is not None else self.initial_cache(B)
         proj = self.in_proj(x).view(B, T, H, 4, d)
-        qkv, tail = self._qkv(proj[:, :, :, :3], cache.conv_tail)
+        qkv, tail = self._conv(proj[:, :, :, :3], cache.conv_tail, slice(0, 3))
         q, k, v = F.normalize(qkv[:, :, 0], dim=-1), F.normalize(qkv[:, :, 1], dim=-1), qkv[:, :, 2]
         gates = torch.sigmoid(self.gate_proj(x).view(B, T, H, 3).permute(0, 2, 3, 1))  # [B, H, 3, T]
         theta, eta, alpha = self.theta_max * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
@@ -125,10 +147,7 @@ class NeuralMemory(nn.Module):
         y = torch.cat([y_full, y_rest], dim=2)[:, :, p:]
         pending = tuple(t[:, :, boundary:] for t in (k, v, theta, eta, alpha))
 
-        y = y.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].float()
-        y = y.to(x.dtype).transpose(1, 2) * F.silu(proj[:, :, :, 3])
-        return self.out_proj(y.reshape(B, T, H * d)), NeuralMemoryCache(memory, pending, tail)
+        return self._output(y, proj[:, :, :, 3]), NeuralMemoryCache(memory, pending, tail)
 
     def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
         if end == start:

@@ -9,7 +9,7 @@ from .state import ACTIVATIONS, GATE_EPS, MemoryState, check_scan_args
 
 def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
     """f(x; W) = sigma(...sigma(x W_1) W_2 ...) W_L on row vectors. x: [B, H, T, d_in], W_l: [B, H, in_l, out_l]."""
-    sigma = ACTIVATIONS[activation][0]
+    sigma = ACTIVATIONS[activation].fn
     for layer, w in enumerate(weights):
         x = x @ w
         if layer < len(weights) - 1:

@@ -32,22 +32,48 @@ class MemoryState(NamedTuple):
         return MemoryState(tuple(w.detach() for w in self.weights), tuple(s.detach() for s in self.momentum))
 
 
+class Activation(NamedTuple):
+    """sigma and its first two derivatives, written with differentiable ops."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    grad: Callable[[torch.Tensor], torch.Tensor]
+    grad2: Callable[[torch.Tensor], torch.Tensor]
+
+
 def _silu_grad(z: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
 
 
-def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
-    c = 0.7978845608028654  # sqrt(2 / pi)
-    u = c * (z + 0.044715 * z**3)
-    t = torch.tanh(u)
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+def _silu_grad2(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
 
 
-# name -> (sigma, sigma'), both differentiable so outer gradients flow through the inner update.
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "silu": (F.silu, _silu_grad),
-    "gelu": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad),
+_GELU_C, _GELU_A = 0.7978845608028654, 0.044715  # sqrt(2 / pi), cubic coefficient of the tanh approximation
+
+
+def _gelu_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t = tanh(u), u' and t' for u = c (z + a z^3)."""
+    t = torch.tanh(_GELU_C * (z + _GELU_A * z**3))
+    du = _GELU_C * (1 + 3 * _GELU_A * z * z)
+    return t, du, (1 - t * t) * du
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    t, _, dt = _gelu_parts(z)
+    return 0.5 * (1 + t) + 0.5 * z * dt
+
+
+def _gelu_grad2(z: torch.Tensor) -> torch.Tensor:
+    t, du, dt = _gelu_parts(z)
+    d2t = (1 - t * t) * (6 * _GELU_A * _GELU_C * z) - 2 * t * dt * du
+    return dt + 0.5 * z * d2t
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation(F.silu, _silu_grad, _silu_grad2),
+    "gelu": Activation(lambda z: F.gelu(z, approximate="tanh"), _gelu_grad, _gelu_grad2),
 }
 
 
