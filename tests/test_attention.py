@@ -1,5 +1,6 @@
-"""Sliding-window attention: the mask rule against a brute-force loop, backends against naive, the flash merge
-against a CPU stand-in of flash-attn's kernels, RoPE against complex rotation, and the layer's KV cache."""
+"""Sliding-window attention: the mask rule (prefix and companion keys included) against a brute-force loop, backends
+against naive, the flash merge against a CPU stand-in of flash-attn's kernels, RoPE against complex rotation, and
+the layer's KV cache."""
 
 import pytest
 import torch
@@ -24,14 +25,26 @@ def _inputs(q_len, kv_len, prefix_len, dtype=torch.float64, seed=0):
     return q, k, v, pk, pv
 
 
-def _brute_force(q, k, v, window, prefix_k, prefix_v):
-    """Per query: gather the prefix and the keys it may see, softmax over exactly those."""
+def _companions(kv_len, companion=True, seed=1):
+    """Companion keys and values [B, H, Tk, D] (float64), or (None, None) when companion is False."""
+    if not companion:
+        return None, None
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, kv_len, D, generator=g, dtype=torch.float64) for _ in range(2))
+
+
+def _brute_force(q, k, v, window, prefix_k, prefix_v, companion_k=None, companion_v=None):
+    """Per query: gather the prefix and the keys (and companion keys, at the same positions) it may see, softmax
+    over exactly those."""
     q_len, kv_len = q.shape[2], k.shape[2]
     out = torch.empty_like(q)
     for i in range(q_len):
         p = kv_len - q_len + i
         lo = 0 if window is None else max(0, p - window + 1)
         keys, vals = k[:, :, lo : p + 1], v[:, :, lo : p + 1]
+        if companion_k is not None:
+            keys = torch.cat([companion_k[:, :, lo : p + 1], keys], 2)
+            vals = torch.cat([companion_v[:, :, lo : p + 1], vals], 2)
         if prefix_k is not None:
             keys, vals = torch.cat([prefix_k, keys], 2), torch.cat([prefix_v, vals], 2)
         weights = torch.softmax(torch.einsum("bhd,bhjd->bhj", q[:, :, i], keys) / D**0.5, dim=-1)
@@ -39,33 +52,44 @@ def _brute_force(q, k, v, window, prefix_k, prefix_v):
     return out
 
 
+@pytest.mark.parametrize("companion", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prefix_len", [0, 4])
 @pytest.mark.parametrize("window", WINDOWS)
-def test_naive_matches_brute_force(window, prefix_len, shape):
+def test_naive_matches_brute_force(window, prefix_len, shape, companion):
     q, k, v, pk, pv = _inputs(*shape, prefix_len)
-    out = sliding_window_attention(q, k, v, window, pk, pv, backend="naive")
-    torch.testing.assert_close(out, _brute_force(q, k, v, window, pk, pv), rtol=0, atol=1e-12)
+    ck, cv = _companions(shape[1], companion)
+    out = sliding_window_attention(q, k, v, window, pk, pv, backend="naive", companion_k=ck, companion_v=cv)
+    torch.testing.assert_close(out, _brute_force(q, k, v, window, pk, pv, ck, cv), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("companion", [False, True])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prefix_len", [0, 4])
 @pytest.mark.parametrize("window", WINDOWS)
-def test_backend_matches_naive(backend, window, prefix_len, shape):
+def test_backend_matches_naive(backend, window, prefix_len, shape, companion):
     q, k, v, pk, pv = _inputs(*shape, prefix_len)
-    ref = sliding_window_attention(q, k, v, window, pk, pv, backend="naive")
-    out = sliding_window_attention(q, k, v, window, pk, pv, backend=backend)
+    ck, cv = _companions(shape[1], companion)
+    ref, out = (
+        sliding_window_attention(q, k, v, window, pk, pv, name, companion_k=ck, companion_v=cv)
+        for name in ("naive", backend)
+    )
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("companion", [False, True])
 @pytest.mark.parametrize("window", [3, None])
-def test_sdpa_gradients_match_naive(window):
+def test_sdpa_gradients_match_naive(window, companion):
     """sdpa trains on CPU; flex has no CPU backward (torch raises), flash is checked below."""
-    inputs = [t.requires_grad_(True) for t in _inputs(6, 10, 4)]
-    q, k, v, pk, pv = inputs
+    q, k, v, pk, pv = _inputs(6, 10, 4)
+    ck, cv = _companions(10, companion)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, pk, pv, ck, cv) if t is not None]
     weight = torch.randn(B, H, 6, D, dtype=torch.float64)
-    ref, out = (sliding_window_attention(q, k, v, window, pk, pv, backend) for backend in ("naive", "sdpa"))
+    ref, out = (
+        sliding_window_attention(q, k, v, window, pk, pv, backend, companion_k=ck, companion_v=cv)
+        for backend in ("naive", "sdpa")
+    )
     ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
     grads = torch.autograd.grad((out * weight).sum(), inputs)
     for g, g_ref in zip(grads, ref_grads):
@@ -112,6 +136,25 @@ def test_causality_exact(backend, window):
         assert not torch.equal(out2[:, :, p + 1 :], out[:, :, p + 1 :])
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("window", [3, None])
+def test_companion_causality_exact(backend, window):
+    """Changing companion key/value j leaves outputs before position j bit-identical, changes every output that
+    sees position j (j <= p < j + window) and, with a window, leaves later outputs bit-identical."""
+    q, k, v, pk, pv = _inputs(9, 9, 2)
+    ck, cv = _companions(9)
+    out = sliding_window_attention(q, k, v, window, pk, pv, backend, companion_k=ck, companion_v=cv)
+    for j in range(9):
+        ck2, cv2 = ck.clone(), cv.clone()
+        ck2[:, :, j] += 3.0
+        cv2[:, :, j] -= 3.0
+        out2 = sliding_window_attention(q, k, v, window, pk, pv, backend, companion_k=ck2, companion_v=cv2)
+        hi = 9 if window is None else j + window
+        assert torch.equal(out2[:, :, :j], out[:, :, :j])
+        assert ((out2 - out)[:, :, j:hi].abs().amax(-1) > 1e-6).all()
+        assert torch.equal(out2[:, :, hi:], out[:, :, hi:])
+
+
 def _flash_stand_in_probs(q, k, lse, scale, causal, left, right):
     """softmax(q k^T * scale) normalised by lse, under flash-attn's documented mask ([B, T, H, d] layout):
     query i sees keys [i + Tk - Tq - left, i + Tk - Tq + right] (-1: unbounded), causal forces right = 0."""
@@ -147,22 +190,22 @@ def _flash_bwd_stand_in(dout, q, k, v, out, lse, dq, dk, dv, dropout_p, scale, c
     return delta
 
 
+@pytest.mark.parametrize("companion", [False, True])
 @pytest.mark.parametrize("prefix_len", [0, 5])
 @pytest.mark.parametrize("window", [1, 3, None])
-def test_flash_merge_and_gradients(monkeypatch, window, prefix_len):
-    """The flash path (layouts, window_size, lse merge, per-part backward with the merged out/lse) on a float64
-    CPU stand-in for flash-attn's kernels: outputs and all gradients equal naive attention's."""
+def test_flash_merge_and_gradients(monkeypatch, window, prefix_len, companion):
+    """The flash path (layouts, window_size, lse merge, per-part backward with the merged out/lse, gradients
+    returned in argument order) on a float64 CPU stand-in for flash-attn's kernels: outputs and all gradients
+    equal naive attention's."""
     monkeypatch.setattr(attention, "_flash_kernels", lambda: (_flash_fwd_stand_in, _flash_bwd_stand_in))
-    inputs = [t for t in _inputs(6, 10, prefix_len) if t is not None]
-    for t in inputs:
-        t.requires_grad_(True)
-    q, k, v, *prefix = inputs
-    pk, pv = prefix or (None, None)
+    q, k, v, pk, pv = _inputs(6, 10, prefix_len)
+    ck, cv = _companions(10, companion)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, pk, pv, ck, cv) if t is not None]
     weight = torch.randn(B, H, 6, D, dtype=torch.float64)
 
-    ref = sliding_window_attention(q, k, v, window, pk, pv, backend="naive")
+    ref = sliding_window_attention(q, k, v, window, pk, pv, backend="naive", companion_k=ck, companion_v=cv)
     ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
-    out = attention._flash_attention(q, k, v, window, pk, pv, D**-0.5)
+    out = attention._flash_attention(q, k, v, window, pk, pv, ck, cv, D**-0.5)
     grads = torch.autograd.grad((out * weight).sum(), inputs)
 
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -180,6 +223,10 @@ def test_backend_resolution(monkeypatch):
     q, k, v, _, _ = _inputs(4, 4, 0)
     with pytest.raises(RuntimeError, match="'flash' needs CUDA"):
         sliding_window_attention(q, k, v, 2, backend="flash")
+    with pytest.raises(ValueError, match="companion_k and companion_v must be given together"):
+        sliding_window_attention(q, k, v, 2, backend="naive", companion_k=k)
+    with pytest.raises(ValueError, match="companion_k, companion_v must have the shapes of k, v"):
+        sliding_window_attention(q, k, v, 2, backend="naive", companion_k=k[:, :, 1:], companion_v=v[:, :, 1:])
     with pytest.raises(ValueError, match="unknown attention backend"):
         Attention(16, 2, 8, window=4, backend="xformers")
 
@@ -217,23 +264,53 @@ def _layer(window, backend="auto"):
     return Attention(dim=12, n_heads=3, head_dim=4, window=window, rope_base=100.0, backend=backend).double()
 
 
+@pytest.mark.parametrize("companion", [False, True])
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])
 @pytest.mark.parametrize("shared_prefix", [True, False])
 @pytest.mark.parametrize("window", [3, None])
-def test_layer_decode_matches_full_forward(window, shared_prefix, backend):
+def test_layer_decode_matches_full_forward(window, shared_prefix, backend, companion):
     layer = _layer(window, backend)
     x = torch.randn(2, 13, 12, dtype=torch.float64)
     prefix = torch.randn(2, 12, dtype=torch.float64) if shared_prefix else torch.randn(2, 2, 12, dtype=torch.float64)
-    full, full_cache = layer(x, prefix)
+    comp = torch.randn(2, 13, 12, dtype=torch.float64) if companion else None
+    full, full_cache = layer(x, prefix, companion=comp)
 
     cache, outs = None, []
     for t in range(13):
-        out, cache = layer(x[:, t : t + 1], prefix, cache)
+        out, cache = layer(x[:, t : t + 1], prefix, cache, None if comp is None else comp[:, t : t + 1])
         outs.append(out)
         assert cache.pos == t + 1
         assert cache.k.shape[2] == (t + 1 if window is None else min(t + 1, window - 1))
+        assert (cache.ck is None) == (cache.cv is None) == (not companion)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
-    torch.testing.assert_close(cache.k, full_cache.k, rtol=0, atol=1e-12)
+    for name in ("k", "v", "ck", "cv") if companion else ("k", "v"):
+        torch.testing.assert_close(getattr(cache, name), getattr(full_cache, name), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_layer_companion_shares_rotation_and_window(window):
+    """Companion tokens equal to x give keys equal to x's own (same projection, same RoPE positions), so without a
+    prefix every visible key appears twice and the softmax (hence the output) is unchanged; mid-sequence too."""
+    layer = _layer(window)
+    x = torch.randn(2, 13, 12, dtype=torch.float64)
+    out, cache = layer(x[:, :5])
+    out_c, cache_c = layer(x[:, :5], companion=x[:, :5])
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-12)
+    out_c, out = layer(x[:, 5:], None, cache_c, x[:, 5:])[0], layer(x[:, 5:], None, cache)[0]
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-12)
+
+
+def test_layer_companion_errors():
+    layer = _layer(3)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="companion must have x's shape"):
+        layer(x, companion=x[:, :4])
+    _, cache = layer(x)
+    with pytest.raises(ValueError, match="cache was built without companions"):
+        layer(x, cache=cache, companion=x)
+    _, cache = layer(x, companion=x)
+    with pytest.raises(ValueError, match="cache was built with companions"):
+        layer(x, cache=cache)
 
 
 @pytest.mark.parametrize("window", [3, 8, None])

@@ -1,15 +1,17 @@
-"""Sliding-window causal attention with an always-visible prefix, and the attention layer.
+"""Sliding-window causal attention with an always-visible prefix and optional companion keys, and the layer.
 
 Visibility rule (defined once, in `_make_mask_mod`; every backend follows it): queries q [B, H, Tq, d] sit at the
 last Tq of Tk key positions (query i at position p = Tk - Tq + i, so a KV cache just prepends keys). Key j is
 visible to the query at p iff j <= p and p - j < window (window=None: every j <= p). A window W therefore shows a
-query itself and W - 1 earlier keys. Prefix keys [B, H, P, d] (persistent tokens; in MAC also the retrieved
-memory tokens) are visible to every query, and one softmax runs over prefix and visible keys jointly.
+query itself and W - 1 earlier keys. Prefix keys [B, H, P, d] (persistent tokens) are visible to every query.
+Companion keys [B, H, Tk, d] (in MAC the retrieved memory tokens h_j = memory(q_j)) share the sequence keys'
+positions: companion key j is visible exactly when key j is. One softmax runs over all visible keys jointly.
 
 Backends: "naive" (explicit scores/mask/softmax in the input dtype; the spec), "sdpa" (torch SDPA with a boolean
-mask), "flex" (FlexAttention with a block mask), "flash" (flash-attn >= 2.7 sliding-window kernels, the prefix as
-a second kernel merged through log-sum-exps). "auto" picks flash on CUDA when usable, else flex on CUDA, else sdpa.
-On CPU, flex runs eagerly (unfused, with a torch warning) and forward only: torch has no CPU flex backward.
+mask), "flex" (FlexAttention with a block mask), "flash" (flash-attn >= 2.7 sliding-window kernels, the prefix and
+the companion keys as further kernel calls merged through log-sum-exps). "auto" picks flash on CUDA when usable,
+else flex on CUDA, else sdpa. On CPU, flex runs eagerly (unfused, with a torch warning) and forward only: torch
+has no CPU flex backward.
 """
 
 import functools
@@ -29,12 +31,14 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _make_mask_mod(prefix_len: int, q_len: int, kv_len: int, window: int | None) -> Callable:
-    """FlexAttention-style mask_mod(b, h, q_idx, kv_idx) -> bool over keys [prefix (P) ‖ sequence keys (Tk)]."""
+    """FlexAttention-style mask_mod(b, h, q_idx, kv_idx) -> bool over keys [prefix (P) ‖ companion (Tk, optional) ‖
+    sequence (Tk)]: key P + j and, with companions, key P + Tk + j both sit at position j."""
     offset = kv_len - q_len
 
     def mask_mod(b, h, q_idx, kv_idx):
         pos = q_idx + offset
         j = kv_idx - prefix_len
+        j = torch.where(j >= kv_len, j - kv_len, j)
         visible = j <= pos
         if window is not None:
             visible = visible & (pos - j < window)
@@ -44,13 +48,23 @@ def _make_mask_mod(prefix_len: int, q_len: int, kv_len: int, window: int | None)
 
 
 def visibility_mask(
-    q_len: int, kv_len: int, prefix_len: int = 0, window: int | None = None, device: torch.device | None = None
+    q_len: int,
+    kv_len: int,
+    prefix_len: int = 0,
+    window: int | None = None,
+    device: torch.device | None = None,
+    companion: bool = False,
 ) -> torch.Tensor:
-    """Boolean [Tq, P + Tk] mask (True = visible) over keys [prefix ‖ sequence keys]."""
+    """Boolean [Tq, P + Tk] mask (True = visible) over keys [prefix ‖ sequence], or [Tq, P + 2 Tk] over
+    [prefix ‖ companion ‖ sequence] when companion is True."""
     mask_mod = _make_mask_mod(prefix_len, q_len, kv_len, window)
     q_idx = torch.arange(q_len, device=device)[:, None]
-    kv_idx = torch.arange(prefix_len + kv_len, device=device)[None, :]
+    kv_idx = torch.arange(_num_keys(prefix_len, kv_len, companion), device=device)[None, :]
     return mask_mod(None, None, q_idx, kv_idx)
+
+
+def _num_keys(prefix_len: int, kv_len: int, companion: bool) -> int:
+    return prefix_len + (2 if companion else 1) * kv_len
 
 
 @functools.cache
@@ -98,19 +112,27 @@ def sliding_window_attention(
     prefix_v: torch.Tensor | None = None,
     backend: str = "auto",
     scale: float | None = None,
+    companion_k: torch.Tensor | None = None,
+    companion_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal sliding-window attention with a fully visible prefix (rule in the module docstring).
+    """Causal sliding-window attention with a fully visible prefix and companion keys (rule in the module docstring).
 
-    q [B, H, Tq, d]; k, v [B, H, Tk, d] with Tk >= Tq; prefix_k, prefix_v [B, H, P, d] or None.
-    scale defaults to d^-1/2. Returns [B, H, Tq, d].
+    q [B, H, Tq, d]; k, v [B, H, Tk, d] with Tk >= Tq; prefix_k, prefix_v [B, H, P, d] or None; companion_k,
+    companion_v shaped like k, v or None. scale defaults to d^-1/2. Returns [B, H, Tq, d].
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if kv_len < q_len:
         raise ValueError(f"need at least as many keys as queries, got Tk={kv_len} < Tq={q_len}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
-    if (prefix_k is None) != (prefix_v is None):
-        raise ValueError("prefix_k and prefix_v must be given together")
+    for name, extra_k, extra_v in (("prefix", prefix_k, prefix_v), ("companion", companion_k, companion_v)):
+        if (extra_k is None) != (extra_v is None):
+            raise ValueError(f"{name}_k and {name}_v must be given together")
+    if companion_k is not None and (companion_k.shape != k.shape or companion_v.shape != v.shape):
+        raise ValueError(
+            f"companion_k, companion_v must have the shapes of k, v {tuple(k.shape)}, {tuple(v.shape)}, "
+            f"got {tuple(companion_k.shape)}, {tuple(companion_v.shape)}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_attention_backend(backend, q.device, q.dtype)
     if backend == "flash":
@@ -119,17 +141,17 @@ def sliding_window_attention(
                 f"attention backend 'flash' needs fp16/bf16 and head_dim a multiple of 8 up to 256, "
                 f"got {q.dtype}, head_dim {q.shape[-1]}"
             )
-        return _flash_attention(q, k, v, window, prefix_k, prefix_v, scale)
+        return _flash_attention(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale)
 
-    prefix_len = 0
-    if prefix_k is not None:
-        prefix_len = prefix_k.shape[-2]
-        k, v = torch.cat([prefix_k, k], dim=-2), torch.cat([prefix_v, v], dim=-2)
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
+    companion = companion_k is not None
+    k = torch.cat([t for t in (prefix_k, companion_k, k) if t is not None], dim=-2)
+    v = torch.cat([t for t in (prefix_v, companion_v, v) if t is not None], dim=-2)
     if backend == "flex":
-        block_mask = _flex_block_mask(prefix_len, q_len, kv_len, window, q.device)
+        block_mask = _flex_block_mask(prefix_len, q_len, kv_len, window, companion, q.device)
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=block_mask, scale=scale)
-    mask = visibility_mask(q_len, kv_len, prefix_len, window, q.device)
+    mask = visibility_mask(q_len, kv_len, prefix_len, window, q.device, companion)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = (q @ k.transpose(-2, -1)) * scale
@@ -138,10 +160,10 @@ def sliding_window_attention(
 
 @functools.lru_cache(maxsize=64)
 def _flex_block_mask(
-    prefix_len: int, q_len: int, kv_len: int, window: int | None, device: torch.device
+    prefix_len: int, q_len: int, kv_len: int, window: int | None, companion: bool, device: torch.device
 ) -> BlockMask:
     mask_mod = _make_mask_mod(prefix_len, q_len, kv_len, window)
-    return create_block_mask(mask_mod, None, None, q_len, prefix_len + kv_len, device=device)
+    return create_block_mask(mask_mod, None, None, q_len, _num_keys(prefix_len, kv_len, companion), device=device)
 
 
 @functools.cache
@@ -156,20 +178,21 @@ def _flash_kernels() -> tuple[Callable, Callable]:
     return _flash_attn_forward, _flash_attn_backward
 
 
-def _flash_attention(q, k, v, window, prefix_k, prefix_v, scale) -> torch.Tensor:
+def _flash_attention(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale) -> torch.Tensor:
     """The flash backend on [B, H, T, d] tensors (flash-attn works in [B, T, H, d])."""
-    q, k, v, prefix_k, prefix_v = (
-        None if t is None else t.transpose(1, 2).contiguous() for t in (q, k, v, prefix_k, prefix_v)
-    )
+    tensors = (q, k, v, prefix_k, prefix_v, companion_k, companion_v)
+    tensors = (None if t is None else t.transpose(1, 2).contiguous() for t in tensors)
     window_left = -1 if window is None else window - 1
-    return _FlashPrefixAttention.apply(q, k, v, prefix_k, prefix_v, window_left, scale).transpose(1, 2)
+    return _FlashPrefixAttention.apply(*tensors, window_left, scale).transpose(1, 2)
 
 
 class _FlashPrefixAttention(torch.autograd.Function):
-    """Flash sliding-window attention over keys, jointly normalised with an unmasked prefix ([B, T, H, d]).
+    """Flash sliding-window attention over keys and optional companion keys, jointly normalised with an unmasked
+    prefix ([B, T, H, d]).
 
-    Forward: one kernel for the keys (causal, window_size=(window_left, 0), bottom-right aligned) and one for the
-    prefix (no mask); outputs merge exactly as out = sum_i e^{lse_i - lse} o_i with lse = logsumexp_i lse_i.
+    Forward: one kernel call per part (`_flash_parts`): the keys and the companion keys (causal,
+    window_size=(window_left, 0), bottom-right aligned) and the prefix (no mask); outputs merge exactly as
+    out = sum_i e^{lse_i - lse} o_i with lse = logsumexp_i lse_i.
     Backward: flash-attn's softmax_lse carries no gradient, so merging the outputs of `flash_attn_func` under
     autograd would silently drop the gradient through the normalisers. Instead each part runs flash's backward
     kernel with the *merged* out and lse: the kernel then rebuilds the joint probabilities restricted to that part
@@ -177,28 +200,34 @@ class _FlashPrefixAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, window_left, scale):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, companion_k, companion_v, window_left, scale):
         flash_fwd, _ = _flash_kernels()
+        kv_inputs = (k, v, prefix_k, prefix_v, companion_k, companion_v)
         outs, lses = [], []
-        for part_k, part_v, causal, window_size in _flash_parts(k, v, prefix_k, prefix_v, window_left):
+        for part_k, part_v, causal, window_size in _flash_parts(*kv_inputs, window_left):
+            if part_k is None:
+                continue
             o, lse, _, _ = flash_fwd(q, part_k, part_v, 0.0, scale, causal, *window_size, 0.0, None, False)
             outs.append(o)
             lses.append(lse)
         lse = torch.logsumexp(torch.stack(lses), dim=0)  # [B, H, Tq], float32
         out = sum(o.to(lse.dtype) * (l - lse).exp().transpose(1, 2)[..., None] for o, l in zip(outs, lses))
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        ctx.save_for_backward(q, *kv_inputs, out, lse)
         ctx.window_left, ctx.scale = window_left, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         _, flash_bwd = _flash_kernels()
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        q, *kv_inputs, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=lse.dtype)
-        grads = []
-        for part_k, part_v, causal, window_size in _flash_parts(k, v, prefix_k, prefix_v, ctx.window_left):
+        grads = []  # dk, dv of each part, in forward's argument order
+        for part_k, part_v, causal, window_size in _flash_parts(*kv_inputs, ctx.window_left):
+            if part_k is None:
+                grads += [None, None]
+                continue
             dq_part, dk, dv = torch.empty_like(q), torch.empty_like(part_k), torch.empty_like(part_v)
             flash_bwd(
                 dout, q, part_k, part_v, out, lse, dq_part, dk, dv,
@@ -206,16 +235,14 @@ class _FlashPrefixAttention(torch.autograd.Function):
             )  # fmt: skip
             dq += dq_part
             grads += [dk, dv]
-        grads += [None] * (4 - len(grads))
         return dq.to(q.dtype), *grads, None, None
 
 
-def _flash_parts(k, v, prefix_k, prefix_v, window_left) -> list[tuple]:
-    """(keys, values, causal, window_size) of each flash kernel call: the sequence keys, then the prefix if any."""
-    parts = [(k, v, True, (window_left, 0))]
-    if prefix_k is not None:
-        parts.append((prefix_k, prefix_v, False, (-1, -1)))
-    return parts
+def _flash_parts(k, v, prefix_k, prefix_v, companion_k, companion_v, window_left) -> list[tuple]:
+    """(keys, values, causal, window_size) of each flash kernel call, in argument order: the sequence keys, the
+    prefix, the companion keys (keys and values None for an absent part)."""
+    sliding = (True, (window_left, 0))
+    return [(k, v, *sliding), (prefix_k, prefix_v, False, (-1, -1)), (companion_k, companion_v, *sliding)]
 
 
 @dataclass
@@ -223,23 +250,26 @@ class KVCache:
     """Decoding state of one `Attention` layer.
 
     k, v: [B, H, n, d] rotated keys and values of the last n tokens, n <= window - 1 (all tokens when window is
-    None). pos: tokens seen so far, i.e. the absolute position of the next token.
+    None). pos: tokens seen so far, i.e. the absolute position of the next token. ck, cv: the companion keys and
+    values of the same n tokens, or None when the sequence has no companion.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int
+    ck: torch.Tensor | None = None
+    cv: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
-    """Multi-head sliding-window attention with RoPE and an optional always-visible prefix.
+    """Multi-head sliding-window attention with RoPE, an optional always-visible prefix and optional companions.
 
     n_heads is the number of heads this module owns (its tensor-parallel share). wq, wk, wv project to
     n_heads * head_dim; wo projects back to dim. Everything per head is kept as [B, H, T, d].
 
-    RoPE rotates queries and sequence keys at their absolute positions. Prefix tokens are projected by wk, wv and
-    are NOT rotated: they are position-free (every query sees them wherever it sits), and a learned persistent
-    key can absorb any fixed rotation anyway.
+    RoPE rotates queries, sequence keys and companion keys at their absolute positions (token t's companion at
+    token t's). Prefix tokens are projected by wk, wv and are NOT rotated: they are position-free (every query sees
+    them wherever it sits), and a learned persistent key can absorb any fixed rotation anyway.
     """
 
     def __init__(
@@ -267,23 +297,42 @@ class Attention(nn.Module):
         """[B, T, H * d] -> [B, H, T, d]."""
         return t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
 
+    def _rotated_keys_values(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """t [B, T, dim] -> [RoPE-rotated keys, values], each [B, H, T, d]."""
+        return [apply_rope(self._heads(self.wk(t)), cos, sin), self._heads(self.wv(t))]
+
     def forward(
-        self, x: torch.Tensor, prefix: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        companion: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """x [B, T, dim]; prefix [B, P, dim] or [P, dim] (shared by the batch); cache from the previous call or None.
+        """x [B, T, dim]; prefix [B, P, dim] or [P, dim] (shared by the batch); cache from the previous call or None;
+        companion [B, T, dim] or None: token t's companion, a key/value seen exactly when token t is.
 
         Returns (out [B, T, dim], new cache). Always returning the cache is free (it slices the keys just
         computed); pass it back to continue the sequence: feeding a sequence in pieces (chunked prefill, then one
         token at a time) gives the same outputs as one call over the whole sequence. The prefix is not cached:
-        pass it on every call.
+        pass it on every call. Companions are cached with their tokens: pass them on every call or on none.
         """
         batch, seq_len, _ = x.shape
+        if companion is not None and companion.shape != x.shape:
+            raise ValueError(f"companion must have x's shape {tuple(x.shape)}, got {tuple(companion.shape)}")
+        if cache is not None and (cache.ck is None) != (companion is None):
+            raise ValueError(
+                f"companion {'not ' if companion is None else ''}given, but the cache was built "
+                f"{'with' if companion is None else 'without'} companions: pass them on every call or on none"
+            )
         start = 0 if cache is None else cache.pos
-        q, k, v = self._heads(self.wq(x)), self._heads(self.wk(x)), self._heads(self.wv(x))
         cos, sin = rope_angles(torch.arange(start, start + seq_len, device=x.device), self.head_dim, self.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(self._heads(self.wq(x)), cos, sin)
+        kv = self._rotated_keys_values(x, cos, sin)
+        kv += [None, None] if companion is None else self._rotated_keys_values(companion, cos, sin)
         if cache is not None:
-            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            cached = (cache.k, cache.v, cache.ck, cache.cv)
+            kv = [t if t is None else torch.cat([c, t], dim=2) for c, t in zip(cached, kv)]
+        k, v, ck, cv = kv
 
         prefix_k = prefix_v = None
         if prefix is not None:
@@ -291,9 +340,12 @@ class Attention(nn.Module):
             prefix_k = self._heads(self.wk(prefix)).expand(batch, -1, -1, -1)
             prefix_v = self._heads(self.wv(prefix)).expand(batch, -1, -1, -1)
 
-        y = sliding_window_attention(q, k, v, self.window, prefix_k, prefix_v, self.backend)
+        y = sliding_window_attention(
+            q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv
+        )
         out = self.wo(y.transpose(1, 2).flatten(2))
 
         n = k.shape[2]
         first = 0 if self.window is None else max(0, n - (self.window - 1))
-        return out, KVCache(k[:, :, first:], v[:, :, first:], start + seq_len)
+        k, v, ck, cv = (t if t is None else t[:, :, first:] for t in kv)
+        return out, KVCache(k, v, start + seq_len, ck, cv)
