@@ -56,7 +56,7 @@ class NeuralMemory(nn.Module):
         expansion: int = 4,
         chunk_size: int = 16,
         conv_kernel: int = 4,
-        theta_max: float = 0.1,
+        theta_max: float = 0.01,
         retrieve: str = "inclusive",
         activation: str = "silu",
         norm_eps: float = 1e-6,

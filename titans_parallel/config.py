@@ -1,0 +1,89 @@
+"""Model configuration: one dataclass tree, loaded from YAML (configs/model/*.yaml) with dotted overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .typed_config import load_config, to_mapping
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
+LAYER_KINDS = ("mac", "mag", "mal", "lmm", "attn", "swa")
+_VARIANT_LAYER = {"transformer": "attn"}  # every other variant names its own layer kind
+
+
+@dataclass
+class MemoryConfig:
+    """Neural long-term memory (DESIGN.md section 2)."""
+
+    depth: int = 2  # layers of the memory MLP
+    expansion: int = 4  # hidden width = expansion * head_dim
+    chunk_size: int = 16  # tokens whose inner gradients share one chunk-start state
+    conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections
+    theta_max: float = 0.01  # inner learning rate theta_t = theta_max * sigmoid(.); see NeuralMemory
+    activation: Literal["silu", "gelu"] = "silu"
+    retrieve: Literal["inclusive", "exclusive", "chunk"] = "inclusive"
+
+    def __post_init__(self):
+        for name in ("depth", "expansion", "chunk_size", "conv_kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig:
+    """A Titans language model or one of its baselines, all in one code path.
+
+    variant: mac | mag | mal | lmm (Titans, paper section 4), transformer (Transformer++: full causal attention),
+    swa (sliding-window attention only). layer_pattern optionally gives each layer its own kind
+    (mac, mag, mal, lmm, attn, swa), e.g. memory in some layers only. `window` is the sliding-window size; for MAC it
+    is the segment length (attention runs within a segment) and must be a multiple of memory.chunk_size.
+    """
+
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int | None = None  # default dim // n_heads
+    ffn_hidden: int | None = None  # SwiGLU width; default 8/3 * dim rounded up to a multiple of 64
+    variant: Literal["mac", "mag", "mal", "lmm", "transformer", "swa"] = "mac"
+    layer_pattern: list[str] | None = None
+    window: int = 128
+    n_persistent: int = 4  # persistent memory tokens per layer (not used by attn layers)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    attention_backend: Literal["auto", "naive", "sdpa", "flex", "flash"] = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.dim % self.n_heads and self.head_dim is None:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = -(-(8 * self.dim // 3) // 64) * 64
+        if self.layer_pattern is None:
+            self.layer_pattern = [_VARIANT_LAYER.get(self.variant, self.variant)] * self.n_layers
+        if len(self.layer_pattern) != self.n_layers:
+            raise ValueError(f"layer_pattern has {len(self.layer_pattern)} entries but n_layers is {self.n_layers}")
+        for kind in self.layer_pattern:
+            if kind not in LAYER_KINDS:
+                raise ValueError(f"layer_pattern entry {kind!r} is not one of {LAYER_KINDS}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if "mac" in self.layer_pattern and self.window % self.memory.chunk_size:
+            raise ValueError(
+                f"MAC segment (window={self.window}) must be a multiple of memory.chunk_size={self.memory.chunk_size}"
+            )
+        if self.vocab_size < 2 or self.n_layers < 1 or self.n_persistent < 0:
+            raise ValueError("vocab_size >= 2, n_layers >= 1 and n_persistent >= 0 are required")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "ModelConfig":
+        return load_config(cls, path, overrides)
+
+    def to_dict(self) -> dict:
+        return to_mapping(self)
