@@ -1,0 +1,38 @@
+"""Tensor and sequence parallelism: process groups (megatron-core `parallel_state`), TP/SP layer factories,
+gradient fix-ups for DeepSpeed. Importing this package does not import megatron-core; `init_parallel` does.
+
+`cpu_megatron.enable_cpu_megatron` (called by `init_parallel`) is the one place that makes megatron-core run on a
+host without CUDA.
+"""
+
+from .grads import mark_sequence_parallel, mark_tensor_parallel, register_sequence_parallel_grad_hooks
+from .groups import DeepSpeedMPU, ParallelDims, destroy_parallel, init_parallel, parallel_dims
+from .layers import (
+    column_parallel_linear,
+    gather_from_sequence_parallel_region,
+    normal_init,
+    row_parallel_linear,
+    scatter_to_sequence_parallel_region,
+    tensor_parallel_parameter,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
+
+__all__ = [
+    "DeepSpeedMPU",
+    "ParallelDims",
+    "column_parallel_linear",
+    "destroy_parallel",
+    "gather_from_sequence_parallel_region",
+    "init_parallel",
+    "mark_sequence_parallel",
+    "mark_tensor_parallel",
+    "normal_init",
+    "parallel_dims",
+    "register_sequence_parallel_grad_hooks",
+    "row_parallel_linear",
+    "scatter_to_sequence_parallel_region",
+    "tensor_parallel_parameter",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding",
+]

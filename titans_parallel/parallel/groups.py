@@ -1,0 +1,173 @@
+"""Process groups: megatron-core `parallel_state` (TP x DP), the model-parallel RNG, and DeepSpeed's `mpu`.
+
+Ranks are laid out as megatron does (TP innermost: with tp=2, ranks {0, 1} share a tensor-parallel group).
+Pipeline and context parallel are 1. megatron-core is imported only by `init_parallel`, so a single-process model
+never loads it; until then `parallel_dims()` describes a single rank and every factory in `layers` builds plain
+torch modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+
+
+def _parallel_state() -> ModuleType:
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Where this rank sits: tensor-parallel rank/size, data-parallel rank/size, and whether Megatron sequence
+    parallel is on (only ever with tp_size > 1). Group accessors need `init_parallel`."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    sequence_parallel: bool = False
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp_size > 1
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_data_parallel_group()
+
+    @property
+    def mpu(self) -> DeepSpeedMPU:
+        """The object to pass as `deepspeed.initialize(mpu=...)`."""
+        return DeepSpeedMPU()
+
+
+class DeepSpeedMPU:
+    """megatron's process groups under the method names DeepSpeed 0.19 calls on `mpu`.
+
+    megatron's `parallel_state` module cannot be passed itself: ZeRO 1-3, gradient clipping and checkpoint naming
+    call `get_model_parallel_rank/world_size` and `get_data_parallel_group_ranks`, which it lacks. "Model
+    parallel" is megatron's model-parallel group (TP x PP, PP = 1). Deliberately absent: `get_sequence_parallel_*`,
+    `get_sequence_data_parallel_*`, `initialize_sequence_parallel`, `get_slice_parallel_*` — DeepSpeed reads those
+    as Ulysses sequence parallelism and then changes its data-parallel group; Megatron sequence parallel lives
+    inside the TP group and is invisible to DeepSpeed.
+    """
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.get_model_parallel_group())
+
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return _parallel_state().get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return _parallel_state().get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return _parallel_state().get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return _parallel_state().get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return _parallel_state().get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return _parallel_state().get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return _parallel_state().get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return _parallel_state().get_pipeline_model_parallel_world_size()
+
+
+_SINGLE_RANK = ParallelDims()
+_dims: ParallelDims | None = None
+_owns_world = False
+
+
+def parallel_dims() -> ParallelDims:
+    """The dims set by `init_parallel`, or a single rank (tp = dp = 1) before it / after `destroy_parallel`."""
+    return _dims or _SINGLE_RANK
+
+
+def init_parallel(
+    tp: int = 1, *, sequence_parallel: bool = False, seed: int = 0, backend: str | None = None
+) -> ParallelDims:
+    """Set up TP x DP process groups and the RNG; returns this rank's `ParallelDims`.
+
+    Initialises torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK; backend nccl with CUDA, else gloo, unless `backend` says) if nobody has yet; checks that the world
+    size is a multiple of `tp` before creating any group; creates megatron's groups; makes megatron run on CPU when
+    CUDA is absent (`cpu_megatron`). `sequence_parallel` is ignored when tp == 1.
+
+    Seeding: `torch.manual_seed(seed)` on every rank, so the model built next consumes the same random numbers as
+    a single-process run seeded alike (the TP layers initialise full master weights and keep their slice), then
+    megatron's `model_parallel_cuda_manual_seed(seed)` for the tracker that `get_cuda_rng_tracker().fork()` uses
+    (a per-TP-rank stream, e.g. for dropout inside tensor-parallel regions).
+    """
+    global _dims, _owns_world
+    if _dims is not None:
+        raise RuntimeError("init_parallel was already called; call destroy_parallel() first")
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"world size {world_size} is not divisible by tensor-parallel size {tp}")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        _owns_world = True
+
+    from megatron.core import tensor_parallel
+
+    from .cpu_megatron import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    state = _parallel_state()
+    state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _dims = ParallelDims(
+        tp_size=tp,
+        tp_rank=state.get_tensor_model_parallel_rank(),
+        dp_size=state.get_data_parallel_world_size(),
+        dp_rank=state.get_data_parallel_rank(),
+        sequence_parallel=sequence_parallel and tp > 1,
+    )
+    return _dims
+
+
+def destroy_parallel() -> None:
+    """Undo `init_parallel`: drop megatron's groups, and the default process group if `init_parallel` made it."""
+    global _dims, _owns_world
+    if _dims is None:
+        return
+    _parallel_state().destroy_model_parallel()
+    if _owns_world:
+        dist.destroy_process_group()
+        _owns_world = False
+    _dims = None

@@ -1,0 +1,154 @@
+"""What the model calls for its tensor-parallel pieces: factories that follow `parallel_dims()` at build time.
+
+With TP off (no `init_parallel`, or tp = 1) every factory returns a plain torch module (nn.Linear, nn.Embedding)
+and the functions are F.cross_entropy / the identity, so a single-process model never imports megatron-core. With
+TP on they return the megatron-core backed modules of `tp_layers`. Build the model after `init_parallel`.
+
+Layout: batch-first everywhere. Activations are [B, T, features]. Under sequence parallel the "sequence-parallel
+region" (residual stream, norms: everything between a row-parallel output / the embedding and the next
+column-parallel input) holds each TP rank's contiguous slice of the time axis, [B, T/tp, features]; T must be
+divisible by tp. Outputs of the TP modules under sequence parallel may be non-contiguous views.
+
+Initialisation: weights are drawn in fp32 on the CPU with `init_method` (default N(0, 0.02)) over the full
+(unsharded) shape, biases are zero; a TP rank keeps its slice. Both paths consume the default generator
+identically, so a TP=2 model equals the TP=1 model built from the same seed, shard for shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grads import mark_tensor_parallel
+from .groups import parallel_dims
+
+InitMethod = Callable[[torch.Tensor], object]
+
+
+def normal_init(std: float = 0.02) -> InitMethod:
+    """In-place N(0, std²) initialiser."""
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+DEFAULT_INIT = normal_init(0.02)
+
+
+def _init_full(module: nn.Module, init_method: InitMethod) -> nn.Module:
+    with torch.no_grad():
+        init_method(module.weight)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    return module
+
+
+def column_parallel_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    *,
+    gather_output: bool = False,
+    init_method: InitMethod = DEFAULT_INIT,
+) -> nn.Module:
+    """Linear whose output features are split over TP ranks: [B, T, in] -> [B, T, out/tp] ([B, T, out] with
+    gather_output). Under sequence parallel it takes the sequence shard [B, T/tp, in] and all-gathers it.
+    TP off: nn.Linear(in, out)."""
+    if not parallel_dims().tp_enabled:
+        return _init_full(nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias), init_method)
+    from .tp_layers import ColumnParallelLinear
+
+    return ColumnParallelLinear(in_features, out_features, bias, gather_output, init_method)
+
+
+def row_parallel_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    *,
+    input_is_parallel: bool = True,
+    init_method: InitMethod = DEFAULT_INIT,
+) -> nn.Module:
+    """Linear whose input features are split over TP ranks, summed over TP: [B, T, in/tp] -> [B, T, out], or the
+    sequence shard [B, T/tp, out] under sequence parallel (which requires input_is_parallel). With
+    input_is_parallel=False it takes the full [B, T, in] and keeps its slice. TP off: nn.Linear(in, out)."""
+    if not parallel_dims().tp_enabled:
+        return _init_full(nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias), init_method)
+    from .tp_layers import RowParallelLinear
+
+    return RowParallelLinear(in_features, out_features, bias, input_is_parallel, init_method)
+
+
+def vocab_parallel_embedding(
+    num_embeddings: int, embedding_dim: int, *, init_method: InitMethod = DEFAULT_INIT
+) -> nn.Module:
+    """Embedding with vocabulary rows split over TP ranks (num_embeddings divisible by tp): ids [B, T] ->
+    [B, T, dim], or the sequence shard [B, T/tp, dim] under sequence parallel. TP off: nn.Embedding."""
+    if not parallel_dims().tp_enabled:
+        return _init_full(nn.utils.skip_init(nn.Embedding, num_embeddings, embedding_dim), init_method)
+    from .tp_layers import VocabParallelEmbedding
+
+    return VocabParallelEmbedding(num_embeddings, embedding_dim, init_method)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy, fp32, shaped like `labels` ([B, T]); no reduction, no ignore_index (labels must be
+    in [0, vocab): mask the losses instead).
+
+    logits: [B, T, vocab/tp], this rank's vocabulary slice (a column-parallel head without gather_output). With TP
+    on, megatron's kernel overwrites `logits` in place to save memory: do not reuse them afterwards.
+    """
+    if not parallel_dims().tp_enabled:
+        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="none").view_as(labels)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
+
+    if logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous():
+        # A sequence-parallel head's output is a view of sequence-first memory: compute in that layout, no copy.
+        return megatron_ce(logits.transpose(0, 1), labels.transpose(0, 1).contiguous()).transpose(0, 1)
+    return megatron_ce(logits.contiguous(), labels.contiguous())
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] (the same on every TP rank) -> this rank's [B, T/tp, ...]; backward all-gathers.
+    Identity unless sequence parallel is on."""
+    if not parallel_dims().sequence_parallel:
+        return x
+    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region as scatter
+
+    return scatter(x.transpose(0, 1)).transpose(0, 1)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    """This rank's [B, T/tp, ...] -> [B, T, ...] (all-gather over TP). Identity unless sequence parallel is on.
+
+    Backward: reduce-scatter when the result feeds tensor-parallel work whose gradient is a per-rank partial sum
+    (tensor_parallel_output_grad=True, megatron's default), else split (the result is used identically on every
+    rank, e.g. a replicated loss).
+    """
+    if not parallel_dims().sequence_parallel:
+        return x
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region as gather
+
+    return gather(x.transpose(0, 1), tensor_parallel_output_grad=tensor_parallel_output_grad).transpose(0, 1)
+
+
+def tensor_parallel_parameter(
+    shape: tuple[int, ...], partition_dim: int, *, init_method: InitMethod = DEFAULT_INIT
+) -> nn.Parameter:
+    """A parameter split over TP ranks along `partition_dim`, e.g. a per-head [H, ...] tensor split by heads.
+
+    The full `shape` is initialised (fp32, CPU) on every rank and the rank keeps its contiguous slice, so the shard is
+    exactly the TP=1 parameter's slice for the same seed. Marked with `mark_tensor_parallel`.
+    """
+    dims = parallel_dims()
+    if shape[partition_dim] % dims.tp_size:
+        raise ValueError(
+            f"dimension {partition_dim} of {tuple(shape)} is not divisible by tensor-parallel size {dims.tp_size}"
+        )
+    full = torch.empty(shape)
+    with torch.no_grad():
+        init_method(full)
+    local = full.chunk(dims.tp_size, dim=partition_dim)[dims.tp_rank].clone()
+    return mark_tensor_parallel(nn.Parameter(local), partition_dim)

@@ -1,0 +1,122 @@
+"""megatron-core TP/SP modules behind the factories in `layers`; imported only when tensor parallel is on.
+
+Thin subclasses of megatron's layers that take and return batch-first tensors and return the output alone (bias
+already added), so a module is a drop-in for nn.Linear / nn.Embedding with the same parameter names. megatron works
+sequence-first ([T, B, ...], sequence parallel shards dim 0); under sequence parallel these transpose at their
+boundary (free when B == 1, one activation copy otherwise) and return a transposed view.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from megatron.core import tensor_parallel as mtp
+from torch import nn
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from .groups import ParallelDims, parallel_dims
+from .layers import InitMethod
+
+
+@cache
+def _config(dims: ParallelDims) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=dims.tp_size,
+        sequence_parallel=dims.sequence_parallel,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def model_parallel_config() -> ModelParallelConfig:
+    """The one megatron config for this run's TP modules.
+
+    `use_cpu_initialization=True` on every host: each rank initialises the full (master) weight on the CPU from the
+    default generator and keeps its slice, so TP shards are exactly slices of the TP=1 weight for the same seed
+    (megatron's GPU path draws each shard from a per-rank stream instead). Parameters are fp32 and on the CPU; the
+    engine moves and casts the model.
+    """
+    return _config(parallel_dims())
+
+
+def _seq_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).contiguous()
+
+
+class ColumnParallelLinear(mtp.ColumnParallelLinear):
+    """y = x Wᵀ + b with W's output rows split over TP ranks.
+
+    [B, T, in] -> [B, T, out/tp], or [B, T, out] with gather_output. Under sequence parallel the input is this
+    rank's sequence shard [B, T/tp, in], all-gathered along T first.
+    """
+
+    get_extra_state = nn.Module.get_extra_state  # no always-None `_extra_state` key: nn.Linear's state_dict keys
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, gather_output: bool, init_method: InitMethod
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            config=model_parallel_config(),
+            init_method=init_method,
+            bias=bias,
+            gather_output=gather_output,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return super().forward(_seq_first(x))[0].transpose(0, 1)
+        return super().forward(x)[0]
+
+
+class RowParallelLinear(mtp.RowParallelLinear):
+    """y = x Wᵀ + b with W's input columns split over TP ranks; the partial products are summed over TP.
+
+    [B, T, in/tp] (this rank's features) -> [B, T, out], or this rank's sequence shard [B, T/tp, out] under
+    sequence parallel (reduce-scatter along T). The bias is replicated and added after the reduction.
+    """
+
+    get_extra_state = nn.Module.get_extra_state  # no always-None `_extra_state` key: nn.Linear's state_dict keys
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, input_is_parallel: bool, init_method: InitMethod
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            config=model_parallel_config(),
+            init_method=init_method,
+            bias=bias,
+            input_is_parallel=input_is_parallel,
+            skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
+        return super().forward(x)[0]
+
+
+class VocabParallelEmbedding(mtp.VocabParallelEmbedding):
+    """Embedding whose vocabulary rows are split over TP ranks (vocabulary size divisible by tp).
+
+    ids [B, T] -> [B, T, dim], or this rank's sequence shard [B, T/tp, dim] under sequence parallel.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_method: InitMethod) -> None:
+        config = model_parallel_config()
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            init_method=init_method,
+            reduce_scatter_embeddings=config.sequence_parallel,
+            config=config,
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ids)
+        return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
