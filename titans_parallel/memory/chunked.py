@@ -185,8 +185,8 @@ def _forward_chunks(act: Activation, retrieve: str, inputs: tuple, flat_state: l
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-batch Frobenius inner product of [BH, x, y] tensors -> [BH, 1, 1]."""
-    return a.flatten(1)[:, None, :] @ b.flatten(1)[:, :, None]
+    """Per-batch Frobenius inner product of [BH, x, y] tensors -> [BH, 1, 1] (MKL's bmm is ~40x slower here)."""
+    return (a * b).sum((1, 2), keepdim=True)
 
 
 class _ChunkLoop(torch.autograd.Function):
