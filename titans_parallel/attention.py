@@ -24,6 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from titans_parallel.parallel import (
+    column_parallel_input,
+    column_parallel_linear,
+    normal_init,
+    row_parallel_linear,
+    tensor_parallel_share,
+)
 from titans_parallel.rope import apply_rope, rope_angles
 
 BACKENDS = ("auto", "naive", "sdpa", "flex", "flash")
@@ -264,8 +271,13 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head sliding-window attention with RoPE, an optional always-visible prefix and optional companions.
 
-    n_heads is the number of heads this module owns (its tensor-parallel share). wq, wk, wv project to
-    n_heads * head_dim; wo projects back to dim. Everything per head is kept as [B, H, T, d].
+    wq, wk, wv project dim -> n_heads * head_dim (column-parallel), wo projects back (row-parallel, N(0, out_std)
+    init, the others N(0, init_std)). Under tensor parallel a rank owns n_heads / tp heads: `self.n_heads` is that
+    local count. Everything per head is kept as [B, H, T, d].
+
+    Under sequence parallel x (and companion) arrive as this rank's sequence shard [B, T/tp, dim] and the output
+    leaves as one, unless `full_sequence` (full [B, T, dim] in and out on every rank, for a mixer that gathers the
+    sequence itself). The prefix is never a sequence shard.
 
     RoPE rotates queries, sequence keys and companion keys at their absolute positions (token t's companion at
     token t's). Prefix tokens are projected by wk, wv and are NOT rotated: they are position-free (every query sees
@@ -280,18 +292,27 @@ class Attention(nn.Module):
         window: int | None,
         rope_base: float = 10000.0,
         backend: str = "auto",
+        *,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        full_sequence: bool = False,
     ):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None, got {window}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
+        self.n_heads, self.head_dim, self.window = tensor_parallel_share(n_heads, "n_heads"), head_dim, window
         self.rope_base, self.backend = rope_base, backend
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        inner = n_heads * head_dim
+        column = functools.partial(
+            column_parallel_linear, dim, inner, bias=False, init_method=normal_init(init_std),
+            full_sequence=full_sequence,
+        )
+        self.wq, self.wk, self.wv = column(), column(), column()
+        self.wo = row_parallel_linear(
+            inner, dim, bias=False, init_method=normal_init(out_std), full_sequence=full_sequence
+        )
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, H * d] -> [B, H, T, d]."""
@@ -308,15 +329,15 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         companion: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """x [B, T, dim]; prefix [B, P, dim] or [P, dim] (shared by the batch); cache from the previous call or None;
-        companion [B, T, dim] or None: token t's companion, a key/value seen exactly when token t is.
+        """x [B, T, dim]; prefix [B, P, dim] or [P, dim] (shared by the batch; the same on every TP rank); cache from
+        the previous call or None; companion [B, T, dim] or None: token t's companion, a key/value seen exactly when
+        token t is. (x, companion and out are [B, T/tp, dim] sequence shards under sequence parallel, see the class.)
 
         Returns (out [B, T, dim], new cache). Always returning the cache is free (it slices the keys just
         computed); pass it back to continue the sequence: feeding a sequence in pieces (chunked prefill, then one
         token at a time) gives the same outputs as one call over the whole sequence. The prefix is not cached:
         pass it on every call. Companions are cached with their tokens: pass them on every call or on none.
         """
-        batch, seq_len, _ = x.shape
         if companion is not None and companion.shape != x.shape:
             raise ValueError(f"companion must have x's shape {tuple(x.shape)}, got {tuple(companion.shape)}")
         if cache is not None and (cache.ck is None) != (companion is None):
@@ -324,9 +345,11 @@ class Attention(nn.Module):
                 f"companion {'not ' if companion is None else ''}given, but the cache was built "
                 f"{'with' if companion is None else 'without'} companions: pass them on every call or on none"
             )
+        q = self._heads(self.wq(x))  # the full sequence: under sequence parallel wq gathers it
+        batch, _, seq_len, _ = q.shape
         start = 0 if cache is None else cache.pos
         cos, sin = rope_angles(torch.arange(start, start + seq_len, device=x.device), self.head_dim, self.rope_base)
-        q = apply_rope(self._heads(self.wq(x)), cos, sin)
+        q = apply_rope(q, cos, sin)
         kv = self._rotated_keys_values(x, cos, sin)
         kv += [None, None] if companion is None else self._rotated_keys_values(companion, cos, sin)
         if cache is not None:
@@ -335,10 +358,10 @@ class Attention(nn.Module):
         k, v, ck, cv = kv
 
         prefix_k = prefix_v = None
-        if prefix is not None:
-            prefix = prefix if prefix.dim() == 3 else prefix[None]
-            prefix_k = self._heads(self.wk(prefix)).expand(batch, -1, -1, -1)
-            prefix_v = self._heads(self.wv(prefix)).expand(batch, -1, -1, -1)
+        if prefix is not None:  # not a sequence shard: projected by hand, never gathered along T
+            prefix = column_parallel_input(prefix if prefix.dim() == 3 else prefix[None])
+            prefix_k = self._heads(F.linear(prefix, self.wk.weight)).expand(batch, -1, -1, -1)
+            prefix_v = self._heads(F.linear(prefix, self.wv.weight)).expand(batch, -1, -1, -1)
 
         y = sliding_window_attention(
             q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv

@@ -4,10 +4,19 @@ Every mixer maps x [B, T, dim] and its cache (None at the start of a sequence) t
 feeding a sequence in pieces with the returned cache equals one pass (the basis of O(1)-per-token decoding).
 Persistent memory: `n_persistent` learned tokens P [Np, dim] per layer, an always-visible attention prefix, and
 the first tokens the memory reads (x~ = P || x).
+
+Tensor / sequence parallel (chosen when the model is built, see `titans_parallel.parallel`): every projection is a
+column- or row-parallel factory layer, so a rank runs its own heads. Under sequence parallel a block's input and
+output, its norms and the residual stream are this rank's sequence shard [B, T/tp, dim]; the column-parallel
+projections all-gather the sequence and the row-parallel ones reduce-scatter it. P is the same on every TP rank and
+no slice of the sequence: it enters the projections by hand (`column_parallel_input`), is never gathered along T,
+and its gradient is summed over TP there. MAC runs segment after segment over the whole sequence, so it gathers
+its input once and builds its attention and memory with `full_sequence`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +26,25 @@ from torch import nn
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .memory import NeuralMemory, NeuralMemoryCache
+from .parallel import (
+    column_parallel_linear,
+    gather_from_sequence_parallel_region,
+    mark_sequence_parallel,
+    normal_init,
+    row_parallel_linear,
+    scatter_to_sequence_parallel_region,
+)
 
 
 class RMSNorm(nn.Module):
+    """RMS norm over the last dimension, learned scale. Every RMSNorm of the model acts on the sequence-parallel
+    region, so its weight (replicated over TP) is marked `sequence_parallel`: under sequence parallel each rank sees
+    only its tokens and `register_sequence_parallel_grad_hooks` must sum the gradient over TP."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = mark_sequence_parallel(nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -31,33 +52,41 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w2(SiLU(w1 x) * w3 x)."""
+    """w2(SiLU(w1 x) * w3 x); w1, w3 column-parallel with N(0, init_std) weights, w2 row-parallel with N(0, out_std)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_std: float = 0.02):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = column_parallel_linear(dim, hidden, bias=False, init_method=normal_init(init_std))
+        self.w3 = column_parallel_linear(dim, hidden, bias=False, init_method=normal_init(init_std))
+        self.w2 = row_parallel_linear(hidden, dim, bias=False, init_method=normal_init(out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def _attention(config: ModelConfig, window: int | None) -> Attention:
-    return Attention(config.dim, config.n_heads, config.head_dim, window, config.rope_base, config.attention_backend)
+def residual_std(config: ModelConfig) -> float:
+    """Init std of the projections into the residual stream (wo, w2, out_proj): init_std / sqrt(2 n_layers), GPT-2."""
+    return config.init_std / math.sqrt(2 * config.n_layers)
 
 
-def _memory(config: ModelConfig) -> NeuralMemory:
+def _attention(config: ModelConfig, window: int | None, full_sequence: bool = False) -> Attention:
+    return Attention(
+        config.dim, config.n_heads, config.head_dim, window, config.rope_base, config.attention_backend,
+        init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
+    )
+
+
+def _memory(config: ModelConfig, full_sequence: bool = False) -> NeuralMemory:
     m = config.memory
     return NeuralMemory(
         config.dim, config.n_heads, config.head_dim, depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
         conv_kernel=m.conv_kernel, theta_max=m.theta_max, retrieve=m.retrieve, activation=m.activation,
-        norm_eps=config.norm_eps,
+        norm_eps=config.norm_eps, init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
     )
 
 
 class PersistentTokens(nn.Module):
-    """N_p learned tokens [Np, dim]; `prepend` puts them before a sequence at its start (no cache yet)."""
+    """N_p learned tokens [Np, dim], N(0, init_std), replicated over TP."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -66,8 +95,9 @@ class PersistentTokens(nn.Module):
     def prefix(self) -> torch.Tensor | None:
         return self.tokens if self.tokens.shape[0] else None
 
-    def prepend(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+    def memory_prefix(self, memory_cache: NeuralMemoryCache | None) -> torch.Tensor | None:
+        """What the memory reads before x: P at the start of a sequence (no memory cache yet), else nothing."""
+        return self.prefix() if memory_cache is None else None
 
 
 class AttentionMixer(nn.Module):
@@ -92,18 +122,8 @@ class MemoryMixer(nn.Module):
         self.memory = _memory(config)
 
     def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None):
-        return _read_with_persistent(self.memory, self.persistent, x, cache)[::2]
-
-
-def _read_with_persistent(memory: NeuralMemory, persistent: PersistentTokens, x, cache):
-    """Run the memory over P || x at the start of a sequence (over x afterwards).
-    Returns (outputs at x, cache, outputs at P or None)."""
-    if cache is not None:
-        out, cache = memory(x, cache)
-        return out, None, cache
-    n = persistent.tokens.shape[0]
-    out, cache = memory(persistent.prepend(x), None)
-    return out[:, n:], out[:, :n], cache
+        _, out, cache = self.memory.forward_prefixed(self.persistent.memory_prefix(cache), x, cache)
+        return out, cache
 
 
 class MAGMixer(nn.Module):
@@ -120,7 +140,7 @@ class MAGMixer(nn.Module):
     def forward(self, x: torch.Tensor, cache: tuple | None):
         attn_cache, memory_cache = cache if cache is not None else (None, None)
         y, attn_cache = self.attn(x, prefix=self.persistent.prefix(), cache=attn_cache)
-        m, _, memory_cache = _read_with_persistent(self.memory, self.persistent, x, memory_cache)
+        _, m, memory_cache = self.memory.forward_prefixed(self.persistent.memory_prefix(memory_cache), x, memory_cache)
         return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), (attn_cache, memory_cache)
 
 
@@ -135,10 +155,10 @@ class MALMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: tuple | None):
         memory_cache, attn_cache, prefix = cache if cache is not None else (None, None, None)
-        y, persistent_out, memory_cache = _read_with_persistent(self.memory, self.persistent, x, memory_cache)
-        prefix = persistent_out if persistent_out is not None else prefix
-        if prefix is not None and prefix.shape[1] == 0:
-            prefix = None
+        persistent_out, y, memory_cache = self.memory.forward_prefixed(
+            self.persistent.memory_prefix(memory_cache), x, memory_cache
+        )
+        prefix = prefix if persistent_out is None else persistent_out
         out, attn_cache = self.attn(y, prefix=prefix, cache=attn_cache)
         return out, (memory_cache, attn_cache, prefix)
 
@@ -160,16 +180,20 @@ class MACMixer(nn.Module):
     """Memory as context (paper section 4.1), segment by segment (segment = config.window tokens):
     h = M_before(q(segment)) (retrieval without update); y = Attn over [P || h || segment], P always visible and
     h_j visible to query i iff j <= i (h_j is read from token j, so this keeps the layer causal);
-    the memory then learns from y, and o = y * M(y) (its inclusive retrieval)."""
+    the memory then learns from y, and o = y * M(y) (its inclusive retrieval).
+    Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
+    returns its shard of the output; its attention and memory work on the full sequence (full_sequence)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.segment = config.window
         self.persistent = PersistentTokens(config)
-        self.attn = _attention(config, None)
-        self.memory = _memory(config)
+        self.attn = _attention(config, None, full_sequence=True)
+        self.memory = _memory(config, full_sequence=True)
 
     def forward(self, x: torch.Tensor, cache: MACCache | None):
+        # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
+        x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         if cache is None:
             memory_cache = self.memory.initial_cache(x.shape[0])
             cache = MACCache(memory_cache, memory_cache.memory.weights, None, None, 0)
@@ -187,7 +211,8 @@ class MACMixer(nn.Module):
             m, memory_cache = self.memory(y, memory_cache)
             outputs.append(y * m)
             start, offset = start + n, (offset + n) % self.segment
-        return torch.cat(outputs, dim=1), MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
+        out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1))
+        return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
 
 
 MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": MemoryMixer}
@@ -202,7 +227,7 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(config.dim, config.norm_eps)
         self.mixer = MIXERS[kind](config) if kind in MIXERS else AttentionMixer(config, kind)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = SwiGLU(config.dim, config.ffn_hidden)
+        self.ffn = SwiGLU(config.dim, config.ffn_hidden, config.init_std, residual_std(config))
 
     def forward(self, x: torch.Tensor, cache=None):
         h, cache = self.mixer(self.mixer_norm(x), cache)

@@ -1,8 +1,23 @@
-"""TitansLM: embeddings, a stack of blocks (Titans variants or baselines), final norm, LM head; generation."""
+"""TitansLM: embeddings, a stack of blocks (Titans variants or baselines), final norm, LM head; loss; generation.
+
+Tensor / sequence parallel is chosen when the model is built: `init_parallel(tp, sequence_parallel=...)` first,
+then `TitansLM(config)` reads `parallel_dims()`. Without it (or with tp = 1) the model is plain torch.
+
+What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_parallel_grad_hooks(model)` acts on
+`sequence_parallel`):
+
+- sharded (`tensor_model_parallel`, this rank's heads / vocabulary / FFN columns): tok_embeddings (vocabulary rows),
+  output (vocabulary rows; the same tensor as tok_embeddings when tied), attention wq/wk/wv (rows) and wo
+  (columns), memory in_proj, gate_proj weight and bias (rows), out_proj (columns), conv_weight, initial_weights,
+  out_norm_weight (heads, dim 0), SwiGLU w1/w3 (rows) and w2 (columns). Their gradients are complete per shard.
+- replicated, gradient complete on every rank: persistent tokens (their gradient is summed over TP where they
+  enter a projection).
+- replicated, marked `sequence_parallel` (every RMSNorm weight: the blocks' mixer_norm / ffn_norm, MAG's
+  attn_norm / memory_norm, the final norm): complete with TP alone; under sequence parallel each rank's gradient
+  covers its tokens only, and the hooks sum it over TP.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -10,50 +25,84 @@ from torch import nn
 
 from .blocks import Block, RMSNorm
 from .config import ModelConfig
-from .memory import NeuralMemory
+from .parallel import (
+    column_parallel_linear,
+    gather_from_tensor_parallel_region,
+    normal_init,
+    parallel_dims,
+    tensor_parallel_share,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_embedding,
+)
 
 
 class TitansLM(nn.Module):
-    """Decoder-only language model. `model(input_ids [B, T])` -> logits [B, T, vocab] (fp32 head output in the
-    parameters' dtype). `model.decode(ids, cache)` continues a sequence from a cache; `generate` samples."""
+    """Decoder-only language model. `model(input_ids [B, T])` -> logits [B, T, vocab] (the full vocabulary, also
+    under TP); `model(input_ids, labels)` = `model.loss(input_ids, labels)` -> mean loss, without full-vocabulary
+    logits under TP (use it for training). `model.decode(ids, cache)` continues a sequence from a cache; `generate`
+    samples.
+
+    Initialisation happens once, at construction, layer by layer through the factories (normal with init_std; the
+    projections into the residual stream init_std / sqrt(2 n_layers); the memory's own rules; norms 1), so a TP
+    rank's shard is exactly the slice of the TP = 1 model built from the same seed. Under sequence parallel T must
+    be divisible by tp.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.parallel = parallel_dims()
+        for name in ("n_heads", "vocab_size", "ffn_hidden"):
+            tensor_parallel_share(getattr(config, name), name)
+        init = normal_init(config.init_std)
+        self.tok_embeddings = vocab_parallel_embedding(config.vocab_size, config.dim, init_method=init)
         self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_pattern)
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        self.output = column_parallel_linear(config.dim, config.vocab_size, bias=False, init_method=init)
+        if config.tie_embeddings:  # both are [vocab / tp, dim], split alike over TP
             self.output.weight = self.tok_embeddings.weight
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embeddings and projections, the residual-output projections scaled by
-        1/sqrt(2 n_layers) (GPT-2), then each memory's own initialisation (conv, W_0, gate biases)."""
-        std = self.config.init_std
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "out_proj")) else 1.0
-                nn.init.normal_(module.weight, std=std * scale)
-            elif isinstance(module, NeuralMemory):
-                module.reset_parameters()
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters on this rank (this rank's shards under TP)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]; with labels [B, T], `loss(input_ids, labels)` instead (so a
+        training engine that calls the module gets the loss: `engine(input_ids, labels)`)."""
+        if labels is not None:
+            return self.loss(input_ids, labels, ignore_index)
         return self.decode(input_ids, None)[0]
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32 scalar) of input_ids [B, T] against labels [B, T], skipping labels
+        equal to ignore_index. Under TP the vocabulary-parallel cross-entropy of the head's shards: the
+        full-vocabulary logits are never formed. The same on every TP rank."""
+        logits, _ = self._logits(input_ids, None)
+        if not self.parallel.tp_enabled:
+            return lm_loss(logits, labels, ignore_index)
+        keep = labels != ignore_index
+        losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0))
+        return (losses * keep).sum() / keep.sum()
 
     def decode(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
         """Run tokens [B, T] after the tokens summarised by `cache` (None: start of sequence).
-        Returns (logits [B, T, vocab], new cache); any split of a sequence gives the same logits as one pass."""
+        Returns (logits [B, T, vocab], new cache); any split of a sequence gives the same logits as one pass.
+        Under sequence parallel only from the start of a sequence (cache None)."""
+        if cache is not None and self.parallel.sequence_parallel:
+            raise NotImplementedError("decoding from a cache under sequence parallel; build the model without it")
+        logits, cache = self._logits(input_ids, cache)
+        return gather_from_tensor_parallel_region(logits), cache
+
+    def _logits(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
+        """(logits [B, T, vocab / tp] of this rank's vocabulary shard, new cache)."""
+        tp, seq_len = self.parallel.tp_size, input_ids.shape[1]
+        if self.parallel.sequence_parallel and seq_len % tp:
+            raise ValueError(f"sequence parallel needs T={seq_len} divisible by the tensor-parallel size {tp}")
         caches = cache if cache is not None else [None] * len(self.layers)
-        x = self.tok_embeddings(input_ids)
+        x = self.tok_embeddings(input_ids)  # under sequence parallel: this rank's [B, T / tp, dim]
         new_caches = []
         for layer, layer_cache in zip(self.layers, caches):
             x, layer_cache = layer(x, layer_cache)
@@ -72,7 +121,12 @@ class TitansLM(nn.Module):
     ) -> torch.Tensor:
         """Prefill the prompt [B, T0] once, then decode token by token from the caches (O(1) per token in the
         context length: attention keeps a window, the memory a fixed-size state). temperature 0 = greedy.
-        Returns [B, T0 + n] (stops early when every row has produced eos_id)."""
+        Returns [B, T0 + n] (stops early when every row has produced eos_id). TP off only."""
+        if self.parallel.tp_enabled:
+            raise NotImplementedError(
+                "generate under tensor parallel (every rank would have to draw the same samples); build the model "
+                "without init_parallel or with tp=1"
+            )
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{input_ids.min().item()}, {input_ids.max().item()}]")

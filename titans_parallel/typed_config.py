@@ -61,7 +61,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r}; known keys of {where or 'the config'}: {sorted(fields)}")
+        raise ConfigError(f"unknown key '{where}{unknown[0]}'; known keys of {where or 'the config'}: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)

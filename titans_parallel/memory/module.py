@@ -1,11 +1,15 @@
 """`NeuralMemory`: the Titans long-term memory layer (projections, conv, gates, scan, gated output).
 
-Every per-head tensor keeps heads in its leading dimension ([H, ...] parameters, [B, H, T, d] activations) so tensor
-parallelism can split heads across ranks by construction.
+Every per-head tensor keeps heads in its leading dimension ([H, ...] parameters, [B, H, T, d] activations; the
+projections' output features laid out [H, ...] too) so tensor parallelism splits heads across ranks by construction:
+a rank owns n_heads / tp heads, its in_proj / gate_proj output rows (column-parallel), out_proj input columns
+(row-parallel) and slices of the per-head parameters (`tensor_parallel_parameter`), and runs the conv, gates, scan
+and output norm of its heads alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -13,6 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import (
+    column_parallel_input,
+    column_parallel_linear,
+    normal_init,
+    reduce_from_tensor_parallel_region,
+    row_parallel_linear,
+    tensor_parallel_parameter,
+    tensor_parallel_share,
+)
 from .chunked import memory_scan
 from .reference import memory_mlp
 from .state import MemoryState
@@ -45,6 +58,12 @@ class NeuralMemory(nn.Module):
     theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.); output = W_o(RMSNorm(y) * SiLU(x W_g)).
     The memory MLP has `depth` layers, widths head_dim -> expansion*head_dim -> ... -> head_dim, learned initial
     weights W_0 per head, zero initial momentum.
+
+    Initialisation (normal, by standard deviation): in_proj and gate_proj weights init_std, out_proj out_std, conv
+    1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
+    Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
+    [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
+    the sequence itself).
     """
 
     def __init__(
@@ -60,30 +79,36 @@ class NeuralMemory(nn.Module):
         retrieve: str = "inclusive",
         activation: str = "silu",
         norm_eps: float = 1e-6,
+        *,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        full_sequence: bool = False,
     ):
         super().__init__()
-        self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
-        self.conv_kernel, self.theta_max = conv_kernel, theta_max
+        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads"), head_dim
+        self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
         self.retrieve, self.activation, self.norm_eps = retrieve, activation, norm_eps
-        self.in_proj = nn.Linear(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
-        self.gate_proj = nn.Linear(dim, n_heads * 3)  # per head: theta, eta, alpha
-        self.conv_weight = nn.Parameter(torch.empty(n_heads, 3, head_dim, conv_kernel))
-        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
-        self.initial_weights = nn.ParameterList(
-            nn.Parameter(torch.empty(n_heads, widths[i], widths[i + 1])) for i in range(depth)
+        self.full_sequence = full_sequence
+        column = functools.partial(
+            column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
         )
-        self.out_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim))
-        self.out_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.conv_weight, std=1 / math.sqrt(self.conv_kernel))
-        for w in self.initial_weights:
-            nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))
-        nn.init.ones_(self.out_norm_weight)
+        self.in_proj = column(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
+        self.gate_proj = column(dim, n_heads * 3)  # per head: theta, eta, alpha
         with torch.no_grad():
             bias = self.gate_proj.bias.view(self.n_heads, 3)
             bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
+        self.conv_weight = tensor_parallel_parameter(
+            (n_heads, 3, head_dim, conv_kernel), 0, init_method=normal_init(1 / math.sqrt(conv_kernel))
+        )
+        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        self.initial_weights = nn.ParameterList(
+            tensor_parallel_parameter((n_heads, fan_in, fan_out), 0, init_method=normal_init(1 / math.sqrt(fan_in)))
+            for fan_in, fan_out in zip(widths[:-1], widths[1:])
+        )
+        self.out_norm_weight = tensor_parallel_parameter((n_heads, head_dim), 0, init_method=nn.init.ones_)
+        self.out_proj = row_parallel_linear(
+            n_heads * head_dim, dim, bias=False, init_method=normal_init(out_std), full_sequence=full_sequence
+        )
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
         """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
@@ -106,36 +131,58 @@ class NeuralMemory(nn.Module):
         out = F.silu(out).view(B, H, c, d, T).transpose(-1, -2)
         return out, full[:, full.shape[1] - (self.conv_kernel - 1) :]
 
-    def _output(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Per-head RMSNorm of y [B, H, T, d] (fp32), SiLU gate [B, T, H, d], output projection -> [B, T, dim]."""
+    def _gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
+        of out_proj."""
         y = y.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].float()
-        y = y.to(gate.dtype).transpose(1, 2) * F.silu(gate)
-        return self.out_proj(y.flatten(2))
+        return (y.to(gate.dtype).transpose(1, 2) * F.silu(gate)).flatten(2)
 
-    def read(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None = None):
+    def read(
+        self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval without update (MAC's h = M(q)): queries from x [B, T, dim] through the memory at fixed
         `weights` (W_l [B, H, in, out]). conv_tail [B, K-1, H, 1, d] continues the query conv of an earlier call.
-        Returns (out [B, T, dim], new conv tail)."""
-        B, T, _ = x.shape
+        Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`."""
         H, d = self.n_heads, self.head_dim
+        x = column_parallel_input(x, sequence_sharded=not self.full_sequence)  # only the q and gate projections
+        B, T, _ = x.shape
         proj = F.linear(x, self.in_proj.weight.view(H, 4, d, -1)[:, [0, 3]].flatten(0, 2)).view(B, T, H, 2, d)
         tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
         q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
         q = F.normalize(q[:, :, 0], dim=-1)
         y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
-        return self._output(y, proj[:, :, :, 1]), tail
+        return self.out_proj(self._gated(y, proj[:, :, :, 1])), tail
 
     def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
         """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
         returned cache gives the same outputs as one pass, wherever it is split."""
-        B, T, _ = x.shape
-        H, d = self.n_heads, self.head_dim
+        _, out, cache = self.forward_prefixed(None, x, cache)
+        return out, cache
+
+    def forward_prefixed(
+        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache]:
+        """Read prefix [Np, dim] (the same for every batch row and TP rank, never a sequence shard: e.g. persistent
+        tokens), then x [B, T, dim], as one sequence `prefix || x` continuing `cache`.
+
+        Returns (out at the prefix [B, Np, dim], the same on every TP rank, or None without a prefix; out at x
+        [B, T, dim], sharded like x; the cache after the last token).
+        """
+        n = 0 if prefix is None else prefix.shape[0]
+        proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
+        B, T = proj.shape[:2]
+        if n:  # projected by hand: the prefix is not a sequence shard
+            prefix = column_parallel_input(prefix.to(x.dtype))
+            prefix_gates = F.linear(prefix, self.gate_proj.weight, self.gate_proj.bias)
+            proj = torch.cat([F.linear(prefix, self.in_proj.weight).expand(B, -1, -1), proj], dim=1)
+            gates = torch.cat([prefix_gates.expand(B, -1, -1), gates], dim=1)
+        H, d, T = self.n_heads, self.head_dim, n + T
         cache = cache if cache is not None else self.initial_cache(B)
-        proj = self.in_proj(x).view(B, T, H, 4, d)
+        proj = proj.view(B, T, H, 4, d)
         qkv, tail = self._conv(proj[:, :, :, :3], cache.conv_tail, slice(0, 3))
         q, k, v = F.normalize(qkv[:, :, 0], dim=-1), F.normalize(qkv[:, :, 1], dim=-1), qkv[:, :, 2]
-        gates = torch.sigmoid(self.gate_proj(x).view(B, T, H, 3).permute(0, 2, 3, 1))  # [B, H, 3, T]
+        gates = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1))  # [B, H, 3, T]
         theta, eta, alpha = self.theta_max * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
 
         p = cache.pending[0].shape[2]
@@ -147,7 +194,12 @@ class NeuralMemory(nn.Module):
         y = torch.cat([y_full, y_rest], dim=2)[:, :, p:]
         pending = tuple(t[:, :, boundary:] for t in (k, v, theta, eta, alpha))
 
-        return self._output(y, proj[:, :, :, 3]), NeuralMemoryCache(memory, pending, tail)
+        gated = self._gated(y, proj[:, :, :, 3])
+        out = self.out_proj(gated[:, n:])
+        prefix_out = None
+        if n:  # row-parallel by hand: summed over TP, not reduce-scattered along T
+            prefix_out = reduce_from_tensor_parallel_region(F.linear(gated[:, :n], self.out_proj.weight))
+        return prefix_out, out, NeuralMemoryCache(memory, pending, tail)
 
     def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
         if end == start:

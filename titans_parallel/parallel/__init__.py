@@ -8,12 +8,16 @@ host without CUDA.
 from .grads import mark_sequence_parallel, mark_tensor_parallel, register_sequence_parallel_grad_hooks
 from .groups import DeepSpeedMPU, ParallelDims, destroy_parallel, init_parallel, parallel_dims
 from .layers import (
+    column_parallel_input,
     column_parallel_linear,
     gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
     normal_init,
+    reduce_from_tensor_parallel_region,
     row_parallel_linear,
     scatter_to_sequence_parallel_region,
     tensor_parallel_parameter,
+    tensor_parallel_share,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 )
@@ -21,18 +25,22 @@ from .layers import (
 __all__ = [
     "DeepSpeedMPU",
     "ParallelDims",
+    "column_parallel_input",
     "column_parallel_linear",
     "destroy_parallel",
     "gather_from_sequence_parallel_region",
+    "gather_from_tensor_parallel_region",
     "init_parallel",
     "mark_sequence_parallel",
     "mark_tensor_parallel",
     "normal_init",
     "parallel_dims",
+    "reduce_from_tensor_parallel_region",
     "register_sequence_parallel_grad_hooks",
     "row_parallel_linear",
     "scatter_to_sequence_parallel_region",
     "tensor_parallel_parameter",
+    "tensor_parallel_share",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_embedding",
 ]

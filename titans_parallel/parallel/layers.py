@@ -9,13 +9,22 @@ region" (residual stream, norms: everything between a row-parallel output / the 
 column-parallel input) holds each TP rank's contiguous slice of the time axis, [B, T/tp, features]; T must be
 divisible by tp. Outputs of the TP modules under sequence parallel may be non-contiguous views.
 
+Inputs that are not sequence shards: a column-parallel layer under sequence parallel all-gathers its input along
+T, so a tensor that is the same on every TP rank and is no slice of the sequence (a learned prefix [Np, dim]) must
+instead be multiplied by the layer's weight shard by hand, after `column_parallel_input` (which also sums its
+gradient over TP: each rank's gradient only covers its own heads). The matching output side is
+`reduce_from_tensor_parallel_region`. `full_sequence=True` builds a layer that takes / returns the full sequence on
+every TP rank even under sequence parallel, for a mixer that gathers the sequence itself.
+
 Initialisation: weights are drawn in fp32 on the CPU with `init_method` (default N(0, 0.02)) over the full
 (unsharded) shape, biases are zero; a TP rank keeps its slice. Both paths consume the default generator
-identically, so a TP=2 model equals the TP=1 model built from the same seed, shard for shard.
+identically, so a TP=2 model equals the TP=1 model built from the same seed, shard for shard. Under a
+`torch.device("meta")` context (shapes only, e.g. counting parameters) nothing is drawn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grads import mark_tensor_parallel
-from .groups import parallel_dims
+from .groups import ParallelDims, parallel_dims
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -37,12 +46,33 @@ def normal_init(std: float = 0.02) -> InitMethod:
 DEFAULT_INIT = normal_init(0.02)
 
 
-def _init_full(module: nn.Module, init_method: InitMethod) -> nn.Module:
+def tensor_parallel_share(n: int, name: str) -> int:
+    """This rank's share n / tp of a dimension split over TP ranks (heads, vocabulary, FFN width); a ValueError
+    naming `name` when tp does not divide n."""
+    tp = parallel_dims().tp_size
+    if n % tp:
+        raise ValueError(f"{name}={n} is not divisible by the tensor-parallel size {tp}")
+    return n // tp
+
+
+def _init_device() -> torch.device:
+    """Where full weights are drawn: the CPU, or nowhere (meta) when the model is built on the meta device."""
+    return torch.device("meta" if torch.get_default_device().type == "meta" else "cpu")
+
+
+def _plain(cls: type[nn.Module], init_method: InitMethod, *args, **kwargs) -> nn.Module:
+    """TP off: the torch module, weight from `init_method`, bias zero."""
+    module = nn.utils.skip_init(cls, *args, **kwargs, device=_init_device())
     with torch.no_grad():
         init_method(module.weight)
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()
     return module
+
+
+def _layer_dims(full_sequence: bool) -> ParallelDims:
+    dims = parallel_dims()
+    return dataclasses.replace(dims, sequence_parallel=False) if full_sequence else dims
 
 
 def column_parallel_linear(
@@ -52,15 +82,17 @@ def column_parallel_linear(
     *,
     gather_output: bool = False,
     init_method: InitMethod = DEFAULT_INIT,
+    full_sequence: bool = False,
 ) -> nn.Module:
     """Linear whose output features are split over TP ranks: [B, T, in] -> [B, T, out/tp] ([B, T, out] with
-    gather_output). Under sequence parallel it takes the sequence shard [B, T/tp, in] and all-gathers it.
-    TP off: nn.Linear(in, out)."""
+    gather_output). Under sequence parallel it takes the sequence shard [B, T/tp, in] and all-gathers it, unless
+    full_sequence (then it takes the full [B, T, in] on every rank). TP off: nn.Linear(in, out)."""
     if not parallel_dims().tp_enabled:
-        return _init_full(nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias), init_method)
+        return _plain(nn.Linear, init_method, in_features, out_features, bias=bias)
     from .tp_layers import ColumnParallelLinear
 
-    return ColumnParallelLinear(in_features, out_features, bias, gather_output, init_method)
+    dims = _layer_dims(full_sequence)
+    return ColumnParallelLinear(in_features, out_features, bias, gather_output, init_method, dims)
 
 
 def row_parallel_linear(
@@ -70,15 +102,18 @@ def row_parallel_linear(
     *,
     input_is_parallel: bool = True,
     init_method: InitMethod = DEFAULT_INIT,
+    full_sequence: bool = False,
 ) -> nn.Module:
     """Linear whose input features are split over TP ranks, summed over TP: [B, T, in/tp] -> [B, T, out], or the
-    sequence shard [B, T/tp, out] under sequence parallel (which requires input_is_parallel). With
-    input_is_parallel=False it takes the full [B, T, in] and keeps its slice. TP off: nn.Linear(in, out)."""
+    sequence shard [B, T/tp, out] under sequence parallel (which requires input_is_parallel) unless full_sequence
+    (then the full [B, T, out] on every rank). With input_is_parallel=False it takes the full [B, T, in] and keeps
+    its slice. TP off: nn.Linear(in, out)."""
     if not parallel_dims().tp_enabled:
-        return _init_full(nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias), init_method)
+        return _plain(nn.Linear, init_method, in_features, out_features, bias=bias)
     from .tp_layers import RowParallelLinear
 
-    return RowParallelLinear(in_features, out_features, bias, input_is_parallel, init_method)
+    dims = _layer_dims(full_sequence)
+    return RowParallelLinear(in_features, out_features, bias, input_is_parallel, init_method, dims)
 
 
 def vocab_parallel_embedding(
@@ -87,7 +122,7 @@ def vocab_parallel_embedding(
     """Embedding with vocabulary rows split over TP ranks (num_embeddings divisible by tp): ids [B, T] ->
     [B, T, dim], or the sequence shard [B, T/tp, dim] under sequence parallel. TP off: nn.Embedding."""
     if not parallel_dims().tp_enabled:
-        return _init_full(nn.utils.skip_init(nn.Embedding, num_embeddings, embedding_dim), init_method)
+        return _plain(nn.Embedding, init_method, num_embeddings, embedding_dim)
     from .tp_layers import VocabParallelEmbedding
 
     return VocabParallelEmbedding(num_embeddings, embedding_dim, init_method)
@@ -134,6 +169,45 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output
     return gather(x.transpose(0, 1), tensor_parallel_output_grad=tensor_parallel_output_grad).transpose(0, 1)
 
 
+def column_parallel_input(x: torch.Tensor, *, sequence_sharded: bool = False) -> torch.Tensor:
+    """x prepared, as a column-parallel layer prepares its input, for a product with that layer's weight shard done
+    by hand (`F.linear(x, layer.weight)`): the full x on every TP rank, with its gradient summed over TP.
+
+    sequence_sharded=False: x is the same on every TP rank and is no slice of the sequence (a learned prefix
+    [Np, dim], or the full sequence in a full_sequence module): identity, backward all-reduce. sequence_sharded=True
+    under sequence parallel: x is this rank's [B, T/tp, ...]: all-gather along T, backward reduce-scatter.
+    Identity when TP is off.
+    """
+    dims = parallel_dims()
+    if not dims.tp_enabled:
+        return x
+    if sequence_sharded and dims.sequence_parallel:
+        return gather_from_sequence_parallel_region(x)
+    from .tp_layers import copy_to_tensor_parallel_region
+
+    return copy_to_tensor_parallel_region(x)
+
+
+def reduce_from_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the TP ranks' partial products (a row-parallel product done by hand, `F.linear(x, layer.weight)`), the
+    same full tensor on every rank, never reduce-scattered along T. Backward: identity. Identity when TP is off."""
+    if not parallel_dims().tp_enabled:
+        return x
+    from .tp_layers import reduce_from_tensor_parallel_region as reduce
+
+    return reduce(x)
+
+
+def gather_from_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """[..., n/tp] (this rank's slice of the last dimension, e.g. a column-parallel head's vocabulary shard) ->
+    [..., n], all-gathered over TP; backward keeps this rank's slice. Identity when TP is off."""
+    if not parallel_dims().tp_enabled:
+        return x
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(x)
+
+
 def tensor_parallel_parameter(
     shape: tuple[int, ...], partition_dim: int, *, init_method: InitMethod = DEFAULT_INIT
 ) -> nn.Parameter:
@@ -147,7 +221,7 @@ def tensor_parallel_parameter(
         raise ValueError(
             f"dimension {partition_dim} of {tuple(shape)} is not divisible by tensor-parallel size {dims.tp_size}"
         )
-    full = torch.empty(shape)
+    full = torch.empty(shape, device=_init_device())
     with torch.no_grad():
         init_method(full)
     local = full.chunk(dims.tp_size, dim=partition_dim)[dims.tp_rank].clone()

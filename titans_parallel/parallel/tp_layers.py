@@ -3,7 +3,8 @@
 Thin subclasses of megatron's layers that take and return batch-first tensors and return the output alone (bias
 already added), so a module is a drop-in for nn.Linear / nn.Embedding with the same parameter names. megatron works
 sequence-first ([T, B, ...], sequence parallel shards dim 0); under sequence parallel these transpose at their
-boundary (free when B == 1, one activation copy otherwise) and return a transposed view.
+boundary (free when B == 1, one activation copy otherwise) and return a transposed view. Also the two TP mappings
+behind `layers.column_parallel_input` / `layers.reduce_from_tensor_parallel_region`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 from functools import cache
 
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel as mtp
-from torch import nn
 from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
 
 from .groups import ParallelDims, parallel_dims
 from .layers import InitMethod
@@ -31,15 +33,16 @@ def _config(dims: ParallelDims) -> ModelParallelConfig:
     )
 
 
-def model_parallel_config() -> ModelParallelConfig:
-    """The one megatron config for this run's TP modules.
+def model_parallel_config(dims: ParallelDims | None = None) -> ModelParallelConfig:
+    """The megatron config for this run's TP modules (`dims` defaults to `parallel_dims()`; a layer built with
+    full_sequence passes them with sequence_parallel off).
 
     `use_cpu_initialization=True` on every host: each rank initialises the full (master) weight on the CPU from the
     default generator and keeps its slice, so TP shards are exactly slices of the TP=1 weight for the same seed
     (megatron's GPU path draws each shard from a per-rank stream instead). Parameters are fp32 and on the CPU; the
     engine moves and casts the model.
     """
-    return _config(parallel_dims())
+    return _config(dims or parallel_dims())
 
 
 def _seq_first(x: torch.Tensor) -> torch.Tensor:
@@ -49,19 +52,25 @@ def _seq_first(x: torch.Tensor) -> torch.Tensor:
 class ColumnParallelLinear(mtp.ColumnParallelLinear):
     """y = x Wᵀ + b with W's output rows split over TP ranks.
 
-    [B, T, in] -> [B, T, out/tp], or [B, T, out] with gather_output. Under sequence parallel the input is this
-    rank's sequence shard [B, T/tp, in], all-gathered along T first.
+    [B, T, in] -> [B, T, out/tp], or [B, T, out] with gather_output. Under sequence parallel (`dims`) the input is
+    this rank's sequence shard [B, T/tp, in], all-gathered along T first.
     """
 
     get_extra_state = nn.Module.get_extra_state  # no always-None `_extra_state` key: nn.Linear's state_dict keys
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, gather_output: bool, init_method: InitMethod
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        gather_output: bool,
+        init_method: InitMethod,
+        dims: ParallelDims | None = None,
     ) -> None:
         super().__init__(
             in_features,
             out_features,
-            config=model_parallel_config(),
+            config=model_parallel_config(dims),
             init_method=init_method,
             bias=bias,
             gather_output=gather_output,
@@ -77,18 +86,24 @@ class RowParallelLinear(mtp.RowParallelLinear):
     """y = x Wᵀ + b with W's input columns split over TP ranks; the partial products are summed over TP.
 
     [B, T, in/tp] (this rank's features) -> [B, T, out], or this rank's sequence shard [B, T/tp, out] under
-    sequence parallel (reduce-scatter along T). The bias is replicated and added after the reduction.
+    sequence parallel (`dims`; reduce-scatter along T). The bias is replicated and added after the reduction.
     """
 
     get_extra_state = nn.Module.get_extra_state  # no always-None `_extra_state` key: nn.Linear's state_dict keys
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, input_is_parallel: bool, init_method: InitMethod
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        input_is_parallel: bool,
+        init_method: InitMethod,
+        dims: ParallelDims | None = None,
     ) -> None:
         super().__init__(
             in_features,
             out_features,
-            config=model_parallel_config(),
+            config=model_parallel_config(dims),
             init_method=init_method,
             bias=bias,
             input_is_parallel=input_is_parallel,
@@ -120,3 +135,42 @@ class VocabParallelEmbedding(mtp.VocabParallelEmbedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = super().forward(ids)
         return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+
+def _sum_over_tp(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce over TP into a fresh contiguous tensor. (megatron's mappings all-reduce `x.contiguous()` in place
+    and return `x`: a non-contiguous `x` would come back unreduced, and a gradient tensor autograd also hands to
+    another branch would be changed under it.)"""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=parallel_dims().tp_group)
+    return out
+
+
+class _CopyToTensorParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _sum_over_tp(grad)
+
+
+class _ReduceFromTensorParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _sum_over_tp(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def copy_to_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Identity; backward sums the gradient over TP."""
+    return _CopyToTensorParallelRegion.apply(x)
+
+
+def reduce_from_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP; backward identity."""
+    return _ReduceFromTensorParallelRegion.apply(x)
