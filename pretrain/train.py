@@ -121,11 +121,13 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed) -> T
             tokens = batches(step, micro).to(engine.device)
             loss = engine(tokens[:, :-1], tokens[:, 1:])
             engine.backward(loss)
+            if micro == train_cfg.grad_accum - 1:
+                grad_norm = _global_grad_norm(engine)
             engine.step()
             loss_sum += loss.detach().float()
         dist.all_reduce(loss_sum, group=dims.dp_group)
         step_loss = loss_sum.item() / (train_cfg.grad_accum * dims.dp_size)
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        grad_norm = float(engine.get_global_grad_norm() if grad_norm is None else grad_norm)
         result.losses.append(step_loss)
         result.grad_norms.append(grad_norm)
         seconds = time.perf_counter() - step_start
@@ -140,6 +142,16 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed) -> T
     result.tokens_per_second = tokens_per_step * train_cfg.steps / (time.perf_counter() - start_time)
     log.close(result)
     return result
+
+
+def _global_grad_norm(engine) -> float | None:
+    """The pre-clipping global gradient norm when the engine will not record it (ZeRO-0 in fp32 clips without
+    keeping the norm); DeepSpeed's own rule, so TP-sharded parameters count once per shard. None otherwise."""
+    if engine.zero_optimization_stage() or engine.bfloat16_enabled():
+        return None
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    return float(clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu))
 
 
 def _build_loader(config: JobConfig, dims):

@@ -16,7 +16,8 @@ def small_dataset(tmp_path_factory):
     from pretrain.data import prepare_dataset
 
     out = tmp_path_factory.mktemp("data") / "shards"
-    return prepare_dataset([ROOT / "data/default/corpus.jsonl.gz"], out, seq_len=64, vocab_size=512, progress=False)
+    return prepare_dataset([ROOT / "data/default/corpus.jsonl.gz"], out, seq_len=64, vocab_size=512, val_fraction=0.1,
+                           progress=False)
 
 
 def overrides(tmp_path: Path, data: Path, steps: int = 6) -> list[str]:
