@@ -75,6 +75,7 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = 10
     tensorboard_dir: str | None = "runs/default/tensorboard"
+    metrics_file: str | None = "runs/default/metrics.jsonl"  # one JSON line per step (rank 0), appended on resume
     progress: bool = True
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs by name, no MFU on CPU
 

@@ -3,16 +3,19 @@
     deepspeed [--hostfile H] pretrain/train.py --config configs/train/tiny_cpu.yaml [key=value ...]
     python pretrain/train.py --config ...        # one process, no launcher
 
-Rank 0 logs loss, lr, grad norm, tokens/s, MFU and peak memory (stdout, a progress bar, TensorBoard), evaluates
-validation loss/perplexity every `train.eval_every` steps and writes sharded checkpoints.
+Rank 0 logs loss, lr, grad norm, tokens/s, MFU and peak memory (stdout, a progress bar, TensorBoard, a JSONL
+metrics file), evaluates validation loss/perplexity every `train.eval_every` steps and writes sharded checkpoints
+(`pretrain/checkpoint.py`) every `checkpoint.every` steps, at the end, and on SIGTERM/SIGUSR1 (preemption) before
+exiting. A run whose checkpoint.dir has a `latest` resumes from it; `--resume-from PATH` names one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
-import shutil
+import signal
 import socket
 import sys
 import time
@@ -23,28 +26,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain import checkpoint
 from pretrain.config import JobConfig, deepspeed_config, load_job_config
 from pretrain.flops import dense_parameter_count, device_peak_flops, flops_per_token
 from pretrain.optim import build_optimizer
 from titans_parallel import TitansLM
 from titans_parallel.parallel import destroy_parallel, init_parallel
 from titans_parallel.parallel.grads import register_sequence_parallel_grad_hooks
-from titans_parallel.typed_config import to_mapping
 
 BatchSource = Callable[[int, int], torch.Tensor]  # (step, micro_step) -> tokens [B, seq_len + 1] for this rank
 
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # mean over micro-batches and DP ranks, per step
+    first_step: int = 0  # steps already done when this run started (resumed from a checkpoint)
+    losses: list[float] = field(default_factory=list)  # mean over micro-batches and DP ranks, per step run here
     grad_norms: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
     tokens_per_second: float = 0.0
+    preempted: bool = False  # stopped early by SIGTERM/SIGUSR1 after writing a checkpoint
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML (configs/train/...)")
+    parser.add_argument("--resume-from", default=None, help="a checkpoint tag folder, or a checkpoint folder (its latest)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a or a.startswith("-")]
@@ -70,14 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     if world % config.parallel.tp:
         raise SystemExit(f"world size {world} is not divisible by parallel.tp={config.parallel.tp}")
     ensure_distributed_env()
-    train(config)
+    train(config, resume_from=args.resume_from)
 
 
-def train(config: JobConfig, batches: BatchSource | None = None) -> TrainResult:
+def train(config: JobConfig, batches: BatchSource | None = None, resume_from: str | None = None) -> TrainResult:
     """Run the job on this rank (torch.distributed env set by a launcher or `ensure_distributed_env`).
 
     `batches` replaces the data loader (tests feed exact global batches); by default the loader streams
-    `data.path` (or the embedded default dataset), split by data-parallel rank.
+    `data.path` (or the embedded default dataset), split by data-parallel rank. Resumes from `resume_from`, else
+    from checkpoint.dir's `latest` when there is one.
     """
     import deepspeed
 
@@ -87,22 +94,55 @@ def train(config: JobConfig, batches: BatchSource | None = None) -> TrainResult:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     dims = init_parallel(config.parallel.tp, sequence_parallel=config.parallel.sequence_parallel, seed=config.train.seed)
     try:
-        return _train(config, dims, batches, deepspeed)
+        return _train(config, dims, batches, deepspeed, resume_from)
     finally:
         destroy_parallel()
 
 
-def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed) -> TrainResult:
+def _resume_point(config: JobConfig, resume_from: str | None) -> tuple[Path | None, dict | None, list[str]]:
+    """(tag folder, its job.json, allowed config changes) or (None, None, []) for a fresh start."""
+    tag_dir = (checkpoint.resolve_resume_path(resume_from) if resume_from
+               else checkpoint.find_resume_point(config.checkpoint.dir))
+    if tag_dir is None:
+        return None, None, []
+    job = checkpoint.read_job(tag_dir)
+    changes = checkpoint.check_compatible(job["config"], config)
+    if job["world_size"] != dist.get_world_size() or job["config"]["parallel"]["tp"] != config.parallel.tp:
+        raise checkpoint.CheckpointError(
+            f"{tag_dir} was written by {job['world_size']} ranks with tp={job['config']['parallel']['tp']}; this run "
+            f"has {dist.get_world_size()} ranks with tp={config.parallel.tp}"
+        )
+    return tag_dir, job, changes
+
+
+def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resume_from: str | None) -> TrainResult:
     is_main = dist.get_rank() == 0
+    tag_dir, job, changes = _resume_point(config, resume_from)
     model = TitansLM(config.model)
     register_sequence_parallel_grad_hooks(model)
     optimizer, scheduler = build_optimizer(model, config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config), mpu=dims.mpu
     )
+    if config.train.zero_stage == 3:
+        _register_mixer_parameters(engine.module, deepspeed)
     loader = val_root = None
     if batches is None:
         loader, val_root = _build_loader(config, dims)
+    first_step = 0
+    if tag_dir is not None:
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if load_path is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        rank_state = checkpoint.load_rank_state(tag_dir, dist.get_rank())
+        if loader is not None:
+            loader.load_state_dict(rank_state["data"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        first_step = job["step"]
+        if is_main:
+            print(f"resumed from {tag_dir} at step {first_step}" + (f"; changed: {', '.join(changes)}" if changes else ""),
+                  flush=True)
+    if loader is not None:
         batches = _loader_batches(loader)
 
     train_cfg = config.train
@@ -111,10 +151,12 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed) -> T
         config.model, dense_parameter_count(engine.module) * dims.tp_size, config.data.seq_len
     )
     peak = device_peak_flops(train_cfg.precision, config.logging.peak_tflops)
-    log = _Logger(config, is_main)
-    result = TrainResult()
+    log = _Logger(config, is_main, first_step)
+    result = TrainResult(first_step=first_step)
+    version = checkpoint.code_version() if is_main else "unknown"
+    stop = _PreemptionFlag()
     start_time = time.perf_counter()
-    for step in range(train_cfg.steps):
+    for step in range(first_step, train_cfg.steps):
         step_start = time.perf_counter()
         loss_sum = torch.zeros((), device=engine.device)
         for micro in range(train_cfg.grad_accum):
@@ -137,11 +179,28 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed) -> T
         if val_root is not None and train_cfg.eval_every and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
             result.val_losses[done] = _evaluate(engine, config, dims, val_root)
             log.validation(done, result.val_losses[done])
-        if config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
-            _save(engine, config, done, loader, tokens_per_step * done)
-    result.tokens_per_second = tokens_per_step * train_cfg.steps / (time.perf_counter() - start_time)
+        preempted = stop.agreed(engine.device)
+        if preempted or config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
+            rank_state = {"data": loader.state_dict() if loader is not None else None}
+            checkpoint.save(engine, config, done, tokens_per_step * done, rank_state, version=version)
+        if preempted:
+            result.preempted = True
+            log.message(f"preempted: checkpoint written at step {done}, exiting")
+            break
+    stop.restore()
+    result.tokens_per_second = tokens_per_step * len(result.losses) / (time.perf_counter() - start_time)
     log.close(result)
     return result
+
+
+def _register_mixer_parameters(model: TitansLM, deepspeed) -> None:
+    """ZeRO-3 gathers a module's parameters when that module's forward runs. Mixers also use their submodules'
+    parameters directly (MAC's retrieval reads the memory's projections, persistent tokens and attention prefixes
+    are multiplied by hand), so every mixer's parameters are registered as its own: gathered for its whole forward
+    and backward."""
+    for block in model.layers:
+        for param in block.mixer.parameters():
+            deepspeed.zero.register_external_parameter(block.mixer, param)
 
 
 def _global_grad_norm(engine) -> float | None:
@@ -198,33 +257,52 @@ def _evaluate(engine, config: JobConfig, dims, root) -> float:
     return (total / count.clamp_min(1)).item()
 
 
-def _save(engine, config: JobConfig, step: int, loader, tokens_seen: int) -> None:
-    state = {"step": step, "tokens_seen": tokens_seen, "config": to_mapping(config),
-             "data": loader.state_dict() if loader is not None else None}
-    engine.save_checkpoint(config.checkpoint.dir, tag=f"step{step:08d}", client_state=state)
-    if dist.get_rank() == 0 and config.checkpoint.keep > 0:
-        tags = sorted(p for p in Path(config.checkpoint.dir).glob("step*") if p.is_dir())
-        for old in tags[: -config.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it once per step (all-reduce MAX), so every rank checkpoints
+    the same step before exiting, however far apart the signals arrived."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class _Logger:
     """Rank 0: a line every `logging.every` steps, a tqdm bar with ETA, TensorBoard scalars."""
 
-    def __init__(self, config: JobConfig, enabled: bool):
+    def __init__(self, config: JobConfig, enabled: bool, first_step: int):
         self.enabled, self.every = enabled, config.logging.every
-        self.bar = self.writer = None
+        self.bar = self.writer = self.metrics = None
         if not enabled:
             return
         if config.logging.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=config.train.steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=config.train.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True)
+        if config.logging.metrics_file:
+            Path(config.logging.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(config.logging.metrics_file, "a")
         if config.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(config.logging.tensorboard_dir)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._print(text)
 
     def _print(self, text: str) -> None:
         if self.bar is not None:
@@ -244,10 +322,15 @@ class _Logger:
             mfu_text = f" mfu {mfu:.1%}" if mfu is not None else ""
             self._print(f"step {step + 1} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                         f"tokens/s {tokens_per_s:,.0f}{mfu_text} peak_mem {peak_gib:.2f}GiB")
+        scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "peak_mem_gib": peak_gib}
+        if mfu is not None:
+            scalars["mfu"] = mfu
         if self.writer is not None:
-            for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("tokens_per_s", tokens_per_s),
-                                ("peak_mem_gib", peak_gib)) + ((("mfu", mfu),) if mfu is not None else ()):
+            for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step + 1)
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": step + 1, **scalars}) + "\n")
+            self.metrics.flush()
 
     def validation(self, step: int, loss: float) -> None:
         if self.enabled:
@@ -262,8 +345,10 @@ class _Logger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        print(f"done: {len(result.losses)} steps, final loss {result.losses[-1]:.4f}, "
-              f"{result.tokens_per_second:,.0f} tokens/s overall", flush=True)
+        if self.metrics is not None:
+            self.metrics.close()
+        final = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(f"done: {len(result.losses)} steps{final}, {result.tokens_per_second:,.0f} tokens/s overall", flush=True)
 
 
 if __name__ == "__main__":

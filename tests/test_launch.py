@@ -11,24 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
-    from pretrain.data import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "shards"
-    return prepare_dataset([ROOT / "data/default/corpus.jsonl.gz"], out, seq_len=64, vocab_size=512, val_fraction=0.1,
-                           progress=False)
-
-
 def overrides(tmp_path: Path, data: Path, steps: int = 6) -> list[str]:
     return [f"data.path={data}", "data.seq_len=64", "model.vocab_size=512", f"train.steps={steps}",
             "train.micro_batch_size=4", "train.eval_every=3", "train.eval_batches=2", f"checkpoint.dir={tmp_path}/ckpt",
-            "checkpoint.every=3", "logging.every=1", "logging.progress=false", f"logging.tensorboard_dir={tmp_path}/tb"]
+            "checkpoint.every=3", "logging.every=1", "logging.progress=false", f"logging.tensorboard_dir={tmp_path}/tb",
+            f"logging.metrics_file={tmp_path}/metrics.jsonl"]
 
 
-def run(cmd: list[str], env_extra: dict | None = None, timeout: int = 600) -> subprocess.Popen:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run(cmd: list[str]) -> subprocess.Popen:
+    """Start a launcher in its own process group (so a test can kill it and every rank at once)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def launch_single_node(tmp_path: Path, data: Path, *extra: str, steps: int = 6, port: int = 29531) -> subprocess.Popen:
+    return run([DEEPSPEED, "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(port), "pretrain/train.py",
+                "--config", "configs/train/tiny_cpu.yaml", *overrides(tmp_path, data, steps), *extra])
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
@@ -48,8 +47,7 @@ def losses(log: str) -> list[float]:
 
 @pytest.mark.slow
 def test_single_node_two_ranks(tmp_path, small_dataset):
-    log = finish(run([DEEPSPEED, "--num_nodes", "1", "--num_gpus", "2", "--master_port", "29531",
-                      "pretrain/train.py", "--config", "configs/train/tiny_cpu.yaml", *overrides(tmp_path, small_dataset)]))
+    log = finish(launch_single_node(tmp_path, small_dataset))
     assert len(losses(log)) == 6 and "val_loss" in log
     checkpoints = tmp_path / "ckpt"
     assert (checkpoints / "latest").read_text().strip() == "step00000006"

@@ -19,7 +19,7 @@ TINY_MODEL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, window=8, n_pers
 def job(**sections) -> JobConfig:
     from titans_parallel.typed_config import from_mapping
 
-    data = {"model": dict(TINY_MODEL), "data": {"seq_len": 16}, "logging": {"tensorboard_dir": None, "progress": False},
+    data = {"model": dict(TINY_MODEL), "data": {"seq_len": 16}, "logging": {"tensorboard_dir": None, "progress": False, "metrics_file": None},
             "train": {"steps": 10, "micro_batch_size": 2, "eval_every": 0}, "checkpoint": {"every": 0, "keep": 0},
             "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2}}
     for name, values in sections.items():
@@ -92,10 +92,13 @@ def _global_batch(step: int, rows: int, config: JobConfig) -> torch.Tensor:
 
 
 def _run_job(rank: int, world_size: int, sections: dict) -> dict:
-    """Train on exact global batches: step s's global batch is split by (dp_rank, micro) in row blocks."""
+    """Train on exact global batches: step s's global batch is split by (dp_rank, micro) in row blocks.
+    sections must name checkpoint.dir (a run resumes from a `latest` there, and writes one at its end)."""
     from pretrain.train import train
     from titans_parallel.parallel import parallel_dims
 
+    if "dir" not in sections.get("checkpoint", {}):
+        raise ValueError("give checkpoint.dir: a fresh folder per run")
     config = job(**sections)
     mb, ga = config.train.micro_batch_size, config.train.grad_accum
 
@@ -110,9 +113,13 @@ def _run_job(rank: int, world_size: int, sections: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_zero_stages_follow_zero_0():
+def test_zero_stages_follow_zero_0(tmp_path):
     """DP=2: ZeRO 1, 2, 3 losses and grad norms over 10 steps equal ZeRO-0's (fp32, <= 1e-5 relative)."""
-    runs = {stage: run_ranks(2, _run_job, {"train": {"zero_stage": stage}}, timeout=600)[0] for stage in (0, 1, 2, 3)}
+    runs = {
+        stage: run_ranks(2, _run_job, {"train": {"zero_stage": stage}, "checkpoint": {"dir": str(tmp_path / str(stage))}},
+                         timeout=600)[0]
+        for stage in (0, 1, 2, 3)
+    }
     ref = runs[0]
     assert ref["losses"][-1] < ref["losses"][0]
     for stage in (1, 2, 3):
@@ -122,21 +129,24 @@ def test_zero_stages_follow_zero_0():
 
 
 @pytest.mark.slow
-def test_data_parallel_equals_gradient_accumulation():
+def test_data_parallel_equals_gradient_accumulation(tmp_path):
     """DP=2 x micro 2 sees the same global batches as DP=1 x (grad_accum 2): same losses and grad norms."""
-    dp2 = run_ranks(2, _run_job, {"train": {"zero_stage": 1}}, timeout=600)[0]
-    dp1 = run_ranks(1, _run_job, {"train": {"zero_stage": 1, "grad_accum": 2}}, timeout=600)[0]
+    dp2 = run_ranks(2, _run_job, {"train": {"zero_stage": 1}, "checkpoint": {"dir": str(tmp_path / "dp2")}},
+                    timeout=600)[0]
+    dp1 = run_ranks(1, _run_job, {"train": {"zero_stage": 1, "grad_accum": 2}, "checkpoint": {"dir": str(tmp_path / "dp1")}},
+                    timeout=600)[0]
     for key in ("losses", "grad_norms"):
         for a, b in zip(dp2[key], dp1[key]):
             assert abs(a - b) <= 1e-5 * abs(b), (key, dp2[key], dp1[key])
 
 
 @pytest.mark.slow
-def test_tensor_parallel_times_data_parallel_trains_like_data_parallel():
+def test_tensor_parallel_times_data_parallel_trains_like_data_parallel(tmp_path):
     """TP=2 x DP=2 on 4 ranks follows the TP=1 x DP=2 trajectory (same global batches, same init)."""
-    tp2 = run_ranks(4, _run_job, {"parallel": {"tp": 2, "sequence_parallel": True}, "train": {"zero_stage": 1}},
-                    timeout=900)
-    tp1 = run_ranks(2, _run_job, {"train": {"zero_stage": 1}}, timeout=600)[0]
+    tp2 = run_ranks(4, _run_job, {"parallel": {"tp": 2, "sequence_parallel": True}, "train": {"zero_stage": 1},
+                                  "checkpoint": {"dir": str(tmp_path / "tp2")}}, timeout=900)
+    tp1 = run_ranks(2, _run_job, {"train": {"zero_stage": 1}, "checkpoint": {"dir": str(tmp_path / "tp1")}},
+                    timeout=600)[0]
     assert all(r["losses"] == tp2[0]["losses"] for r in tp2)
     for a, b in zip(tp2[0]["losses"], tp1["losses"]):
         assert abs(a - b) <= 1e-4 * abs(b), (tp2[0]["losses"], tp1["losses"])

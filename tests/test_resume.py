@@ -1,0 +1,155 @@
+"""Exact resume: kill -9 every rank at a random step, SIGTERM (a checkpoint on the way out), a crash while a
+checkpoint is being written, and refusing a checkpoint of another model. The reference is an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pretrain import checkpoint
+from test_launch import finish, launch_single_node
+
+STEPS = 8
+
+
+def metrics(path: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a kill and after the resume) keeps its last value."""
+    losses = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = record["loss"]
+    return losses
+
+
+def wait_for_step(path: Path, step: int, proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and max(metrics(path), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+CONFIGS = {
+    "zero2": ["train.zero_stage=2"],
+    "zero3": ["train.zero_stage=3"],
+    "tp2": ["parallel.tp=2", "train.zero_stage=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, small_dataset):
+    """Uninterrupted runs, one per config, computed on first use."""
+    cache = {}
+
+    def get(name: str) -> dict[int, float]:
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(f"ref-{name}")
+            finish(launch_single_node(tmp, small_dataset, *CONFIGS[name], "checkpoint.every=2", steps=STEPS, port=29541))
+            cache[name] = metrics(tmp / "metrics.jsonl")
+            assert sorted(cache[name]) == list(range(1, STEPS + 1))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kill_9_every_rank_then_resume_is_exact(name, tmp_path, small_dataset, references):
+    kill_after = random.Random(name).randint(3, STEPS - 2)
+    proc = launch_single_node(tmp_path, small_dataset, *CONFIGS[name], "checkpoint.every=2", steps=STEPS, port=29542)
+    wait_for_step(tmp_path / "metrics.jsonl", kill_after, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-step
+    proc.wait()
+    resumed_from = checkpoint.find_resume_point(tmp_path / "ckpt")
+    assert resumed_from is not None and checkpoint.read_job(resumed_from)["step"] <= kill_after
+    log = finish(launch_single_node(tmp_path, small_dataset, *CONFIGS[name], "checkpoint.every=2", steps=STEPS,
+                                    port=29543))
+    assert f"resumed from {resumed_from}" in log
+    assert metrics(tmp_path / "metrics.jsonl") == references(name)  # every step, bit for bit
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_on_the_way_out(tmp_path, small_dataset, references):
+    proc = launch_single_node(tmp_path, small_dataset, *CONFIGS["zero2"], "checkpoint.every=0", steps=STEPS, port=29544)
+    wait_for_step(tmp_path / "metrics.jsonl", 3, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if any(arg.startswith("--local_rank=") for arg in p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    log = finish(proc)
+    assert "preempted: checkpoint written at step" in log
+    stopped_at = checkpoint.read_job(checkpoint.find_resume_point(tmp_path / "ckpt"))["step"]
+    assert 3 <= stopped_at < STEPS
+    finish(launch_single_node(tmp_path, small_dataset, *CONFIGS["zero2"], "checkpoint.every=0", steps=STEPS, port=29545))
+    assert metrics(tmp_path / "metrics.jsonl") == references("zero2")
+
+
+def _crash_while_saving(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """Train 4 steps with checkpoints every 2; rank 0 dies while committing step 4 (after every rank wrote its
+    shards, before job.json): step 4's folder stays incomplete and `latest` must still name step 2."""
+    from test_train import _run_job
+
+    real_write = checkpoint._atomic_write
+
+    def crash(path, text):
+        if path.name == checkpoint.JOB_FILE and "step00000004" in str(path):
+            os._exit(3)
+        real_write(path, text)
+
+    checkpoint._atomic_write = crash
+    return _run_job(rank, world_size, {"train": {"steps": 4}, "checkpoint": {"dir": ckpt_dir, "every": 2, "keep": 2}})
+
+
+@pytest.mark.slow
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    from parallel_harness import RankError, run_ranks
+    from test_train import _run_job
+
+    with pytest.raises(RankError):
+        run_ranks(2, _crash_while_saving, str(tmp_path), timeout=300)
+    assert (tmp_path / "latest").read_text() == "step00000002"
+    assert (tmp_path / "step00000004").is_dir() and not checkpoint.is_complete(tmp_path / "step00000004")
+    resumed = run_ranks(2, _run_job, {"train": {"steps": 4}, "checkpoint": {"dir": str(tmp_path), "every": 2}},
+                        timeout=300)[0]
+    uninterrupted = run_ranks(2, _run_job, {"train": {"steps": 4}, "checkpoint": {"dir": str(tmp_path / "ref")}},
+                              timeout=300)[0]
+    assert resumed["losses"] == uninterrupted["losses"][2:]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    from parallel_harness import RankError, run_ranks
+    from test_train import _run_job
+
+    run_ranks(1, _run_job, {"train": {"steps": 2}, "checkpoint": {"dir": str(tmp_path), "every": 2}}, timeout=300)
+    with pytest.raises(RankError, match=r"different model config: model\.dim: 32 -> 64"):
+        run_ranks(1, _run_job, {"model": {"dim": 64}, "train": {"steps": 4}, "checkpoint": {"dir": str(tmp_path)}},
+                  timeout=300)
+
+
+def test_missing_or_truncated_rank_state_names_the_file(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="rank1.pt is missing"):
+        checkpoint.load_rank_state(tmp_path, 1)
+    torch.save({"data": list(range(1000))}, tmp_path / "rank0.pt")
+    data = (tmp_path / "rank0.pt").read_bytes()
+    (tmp_path / "rank0.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read .*rank0.pt"):
+        checkpoint.load_rank_state(tmp_path, 0)
+
+
+def test_latest_naming_an_incomplete_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "step00000002").mkdir()
+    (tmp_path / "latest").write_text("step00000002")
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+        checkpoint.find_resume_point(tmp_path)
+    assert checkpoint.find_resume_point(tmp_path / "nothing-here") is None
