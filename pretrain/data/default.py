@@ -20,6 +20,11 @@ DEFAULT_CORPUS = REPO / "data" / "default" / "corpus.jsonl.gz"
 PREPARED = REPO / "data" / "prepared"
 
 
+def default_dataset_dir(vocab_size: int, seq_len: int) -> Path:
+    """Where ``prepare_default_dataset`` puts the shards by default: ``data/prepared/default-v{vocab}-t{seq_len}``."""
+    return PREPARED / f"default-v{vocab_size}-t{seq_len}"
+
+
 def prepare_default_dataset(
     out_dir: str | os.PathLike | None = None,
     *,
@@ -29,8 +34,8 @@ def prepare_default_dataset(
     workers: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Shards of the embedded corpus in ``out_dir`` (default ``data/prepared/default-v{vocab}-t{seq_len}``)."""
-    out = Path(out_dir) if out_dir is not None else PREPARED / f"default-v{vocab_size}-t{seq_len}"
+    """Shards of the embedded corpus in ``out_dir`` (default ``default_dataset_dir(vocab_size, seq_len)``)."""
+    out = Path(out_dir) if out_dir is not None else default_dataset_dir(vocab_size, seq_len)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -2,7 +2,9 @@
 
 With TP off (no `init_parallel`, or tp = 1) every factory returns a plain torch module (nn.Linear, nn.Embedding)
 and the functions are F.cross_entropy / the identity, so a single-process model never imports megatron-core. With
-TP on they return the megatron-core backed modules of `tp_layers`. Build the model after `init_parallel`.
+TP on they return the megatron-core backed modules of `tp_layers`. Build the model after `init_parallel`. Either
+way every sharded weight carries megatron's marks (`tensor_model_parallel`, `partition_dim`; at tp = 1 the shard is
+the whole tensor), so a model's TP layout can be read off any build of it (`metadata.tensor_parallel_layout`).
 
 Layout: batch-first everywhere. Activations are [B, T, features]. Under sequence parallel the "sequence-parallel
 region" (residual stream, norms: everything between a row-parallel output / the embedding and the next
@@ -60,13 +62,20 @@ def _init_device() -> torch.device:
     return torch.device("meta" if torch.get_default_device().type == "meta" else "cpu")
 
 
-def _plain(cls: type[nn.Module], init_method: InitMethod, *args, **kwargs) -> nn.Module:
-    """TP off: the torch module, weight from `init_method`, bias zero."""
+def _plain(
+    cls: type[nn.Module], init_method: InitMethod, partition_dim: int, *args, bias_split: bool = False, **kwargs
+) -> nn.Module:
+    """TP off: the torch module, weight from `init_method`, bias zero. The weight (and the bias if `bias_split`)
+    is marked with the `partition_dim` it has under TP, as megatron marks its layers at tp = 1, so the TP layout
+    of a model can be read from any build of it (`parallel.metadata`)."""
     module = nn.utils.skip_init(cls, *args, **kwargs, device=_init_device())
     with torch.no_grad():
         init_method(module.weight)
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()
+    mark_tensor_parallel(module.weight, partition_dim)
+    if bias_split and module.bias is not None:
+        mark_tensor_parallel(module.bias, 0)
     return module
 
 
@@ -88,7 +97,7 @@ def column_parallel_linear(
     gather_output). Under sequence parallel it takes the sequence shard [B, T/tp, in] and all-gathers it, unless
     full_sequence (then it takes the full [B, T, in] on every rank). TP off: nn.Linear(in, out)."""
     if not parallel_dims().tp_enabled:
-        return _plain(nn.Linear, init_method, in_features, out_features, bias=bias)
+        return _plain(nn.Linear, init_method, 0, in_features, out_features, bias=bias, bias_split=True)
     from .tp_layers import ColumnParallelLinear
 
     dims = _layer_dims(full_sequence)
@@ -109,7 +118,7 @@ def row_parallel_linear(
     (then the full [B, T, out] on every rank). With input_is_parallel=False it takes the full [B, T, in] and keeps
     its slice. TP off: nn.Linear(in, out)."""
     if not parallel_dims().tp_enabled:
-        return _plain(nn.Linear, init_method, in_features, out_features, bias=bias)
+        return _plain(nn.Linear, init_method, 1, in_features, out_features, bias=bias)
     from .tp_layers import RowParallelLinear
 
     dims = _layer_dims(full_sequence)
@@ -122,7 +131,7 @@ def vocab_parallel_embedding(
     """Embedding with vocabulary rows split over TP ranks (num_embeddings divisible by tp): ids [B, T] ->
     [B, T, dim], or the sequence shard [B, T/tp, dim] under sequence parallel. TP off: nn.Embedding."""
     if not parallel_dims().tp_enabled:
-        return _plain(nn.Embedding, init_method, num_embeddings, embedding_dim)
+        return _plain(nn.Embedding, init_method, 0, num_embeddings, embedding_dim)
     from .tp_layers import VocabParallelEmbedding
 
     return VocabParallelEmbedding(num_embeddings, embedding_dim, init_method)

@@ -1,0 +1,147 @@
+"""Write a self-contained transformers export of a TitansLM state dict: `config.json` (TitansConfig with auto_map),
+`generation_config.json`, `model.safetensors` (keys `model.<TitansLM key>`, fp32, a tied alias stored once),
+optionally `tokenizer.model` + `tokenizer_config.json` (TitansTokenizer), and the remote code:
+`modeling_titans.py`, `configuration_titans.py`, `tokenization_titans.py` and every titans_parallel module they
+import, copied from this package at export time as flat modules (transformers' remote-code loader only follows
+`from .x import` between files of one folder), so the export loads without titans_parallel installed and keeps
+working whatever this repository later becomes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import TitansLM
+from ..parallel.metadata import tied_parameters
+from ..typed_config import to_mapping
+
+PACKAGE = "titans_parallel"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+ENTRY_MODULES = (
+    "titans_parallel.hf.configuration_titans",
+    "titans_parallel.hf.modeling_titans",
+    "titans_parallel.hf.tokenization_titans",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_titans.TitansConfig",
+    "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM",
+}
+TOKENIZER_CLASS = "tokenization_titans.TitansTokenizer"
+_FROM = re.compile(r"from\s+([.\w]+)\s+import")
+
+
+def save_hf_export(
+    state_dict: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer: Path | None = None,
+) -> None:
+    """Write the export of a full TitansLM state dict into the existing folder `out_dir`, with the sentencepiece
+    model `tokenizer` (see `save_hf_tokenizer`) when given."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from .configuration_titans import TitansConfig
+
+    out_dir = Path(out_dir)
+    bundle_source(out_dir)
+    special = save_hf_tokenizer(tokenizer, out_dir) if tokenizer is not None else {}
+    config = TitansConfig(titans=to_mapping(model_config), architectures=["TitansForCausalLM"], **special)
+    config.auto_map = AUTO_MAP
+    config.save_pretrained(out_dir)
+    GenerationConfig(**special).save_pretrained(out_dir)
+    with torch.device("meta"):
+        tied = tied_parameters(TitansLM(model_config))
+    weights = {f"model.{k}": v.contiguous() for k, v in state_dict.items() if k not in tied}
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_hf_tokenizer(tokenizer: Path, out_dir: Path) -> dict[str, int]:
+    """Copy the sentencepiece model as `tokenizer.model` with a `tokenizer_config.json` for `TitansTokenizer`
+    (encodes exactly as sentencepiece does, no BOS added, special-token text not parsed); returns the special ids
+    (bos / eos, and eos as pad for batched generation)."""
+    import sentencepiece as spm
+
+    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
+    config = {f"{name}_token": sp.id_to_piece(i) for name, i in ids.items() if i >= 0}
+    config.update(tokenizer_class="TitansTokenizer", auto_map={"AutoTokenizer": [TOKENIZER_CLASS, None]},
+                  split_special_tokens=True, clean_up_tokenization_spaces=False)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    special = {f"{name}_token_id": ids[name] for name in ("bos", "eos") if ids[name] >= 0}
+    if "eos_token_id" in special:
+        special["pad_token_id"] = special["eos_token_id"]
+    return special
+
+
+def bundle_source(out_dir: str | Path) -> list[str]:
+    """Copy the remote-code modules (ENTRY_MODULES and every titans_parallel module they import, function-level
+    imports included) into `out_dir` as flat modules `<last name>.py`, their package imports rewritten to
+    `from .<last name> import`. Returns the module names written."""
+    sources = _closure(ENTRY_MODULES)
+    flat = {module: module.rsplit(".", 1)[-1] for module in sources}
+    clashes = sorted(name for name in set(flat.values()) if list(flat.values()).count(name) > 1)
+    if clashes:
+        raise RuntimeError(f"modules {clashes} would share a file name in the flat export; rename one")
+    for module, path in sources.items():
+        text = _rewrite(path.read_text(), module, path, flat)
+        (Path(out_dir) / f"{flat[module]}.py").write_text(text)
+    return sorted(flat.values())
+
+
+def _module_path(module: str) -> Path:
+    rel = Path(*module.split(".")[1:])
+    package = PACKAGE_DIR / rel / "__init__.py"
+    return package if package.is_file() else (PACKAGE_DIR / rel).with_suffix(".py")
+
+
+def _package_imports(path: Path, module: str) -> list[tuple[ast.ImportFrom, str]]:
+    """(node, absolute module) for each `from ... import` of a titans_parallel module in the file at `path`."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
+            raise RuntimeError(f"{path}:{node.lineno}: `import {PACKAGE}...` cannot be flattened; use from-imports")
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+        else:
+            target = node.module or ""
+        if target.split(".")[0] != PACKAGE:
+            continue
+        if node.module is None:
+            raise RuntimeError(f"{path}:{node.lineno}: `from . import x` cannot be flattened; import from the module")
+        found.append((node, target))
+    return found
+
+
+def _closure(entries: tuple[str, ...]) -> dict[str, Path]:
+    sources: dict[str, Path] = {}
+    todo = list(entries)
+    while todo:
+        module = todo.pop()
+        if module not in sources:
+            sources[module] = _module_path(module)
+            todo += [target for _, target in _package_imports(sources[module], module)]
+    return sources
+
+
+def _rewrite(text: str, module: str, path: Path, flat: dict[str, str]) -> str:
+    lines = text.splitlines(keepends=True)
+    imports = sorted(_package_imports(path, module), key=lambda i: (i[0].lineno, i[0].col_offset), reverse=True)
+    for node, target in imports:
+        line = lines[node.lineno - 1]
+        head, tail = line[: node.col_offset], line[node.col_offset :]
+        lines[node.lineno - 1] = head + _FROM.sub(f"from .{flat[target]} import", tail, count=1)
+    return "".join(lines)
