@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ from pretrain.optim import build_optimizer
 from titans_parallel import TitansLM
 from titans_parallel.parallel import destroy_parallel, init_parallel
 from titans_parallel.parallel.grads import register_sequence_parallel_grad_hooks
+from titans_parallel.parallel.metadata import universal_checkpoint_info
 
 BatchSource = Callable[[int, int], torch.Tensor]  # (step, micro_step) -> tokens [B, seq_len + 1] for this rank
 
@@ -99,30 +101,62 @@ def train(config: JobConfig, batches: BatchSource | None = None, resume_from: st
         destroy_parallel()
 
 
-def _resume_point(config: JobConfig, resume_from: str | None) -> tuple[Path | None, dict | None, list[str]]:
-    """(tag folder, its job.json, allowed config changes) or (None, None, []) for a fresh start."""
+@dataclass
+class _ResumePoint:
+    tag_dir: Path
+    job: dict  # the checkpoint's job.json
+    changes: list[str]  # allowed config changes (optimizer, schedule, ...), logged
+    relayout: bool  # written with another world size, TP degree or ZeRO stage: load through a universal checkpoint
+
+
+def _resume_point(config: JobConfig, resume_from: str | None) -> _ResumePoint | None:
     tag_dir = (checkpoint.resolve_resume_path(resume_from) if resume_from
                else checkpoint.find_resume_point(config.checkpoint.dir))
     if tag_dir is None:
-        return None, None, []
+        return None
     job = checkpoint.read_job(tag_dir)
     changes = checkpoint.check_compatible(job["config"], config)
-    if job["world_size"] != dist.get_world_size() or job["config"]["parallel"]["tp"] != config.parallel.tp:
+    saved = (job["world_size"], job["config"]["parallel"]["tp"], job["config"]["train"]["zero_stage"])
+    relayout = saved != (dist.get_world_size(), config.parallel.tp, config.train.zero_stage)
+    if relayout and config.train.zero_stage == 3:
         raise checkpoint.CheckpointError(
-            f"{tag_dir} was written by {job['world_size']} ranks with tp={job['config']['parallel']['tp']}; this run "
-            f"has {dist.get_world_size()} ranks with tp={config.parallel.tp}"
+            f"{tag_dir} was written by {saved[0]} ranks, tp={saved[1]}, ZeRO-{saved[2]}; loading it at another layout "
+            "goes through DeepSpeed's universal checkpoint, which this DeepSpeed cannot load into ZeRO-3: resume "
+            "with train.zero_stage 1 or 2"
         )
-    return tag_dir, job, changes
+    return _ResumePoint(tag_dir, job, changes, relayout)
+
+
+def _universal_checkpoint(tag_dir: Path) -> Path:
+    """DeepSpeed's universal form of a checkpoint (made once by rank 0 with ds_to_universal, then reused):
+    parameters and optimizer states merged over TP and ZeRO shards, loadable at any layout."""
+    out = tag_dir.parent / "universal" / tag_dir.name
+    if dist.get_rank() == 0 and not (out / checkpoint.JOB_FILE).is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+        ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=workers,
+                                  num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False))
+        shutil.copy(tag_dir / checkpoint.JOB_FILE, out / checkpoint.JOB_FILE)  # marks the conversion complete
+    dist.barrier()
+    return out
 
 
 def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resume_from: str | None) -> TrainResult:
     is_main = dist.get_rank() == 0
-    tag_dir, job, changes = _resume_point(config, resume_from)
+    resume = _resume_point(config, resume_from)
     model = TitansLM(config.model)
     register_sequence_parallel_grad_hooks(model)
     optimizer, scheduler = build_optimizer(model, config)
+    ds_config = deepspeed_config(config)
+    if resume is not None and resume.relayout:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config), mpu=dims.mpu
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=dims.mpu
     )
     if config.train.zero_stage == 3:
         _register_mixer_parameters(engine.module, deepspeed)
@@ -130,18 +164,12 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
     if batches is None:
         loader, val_root = _build_loader(config, dims)
     first_step = 0
-    if tag_dir is not None:
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        if load_path is None:
-            raise checkpoint.CheckpointError(f"DeepSpeed could not load {tag_dir}")
-        rank_state = checkpoint.load_rank_state(tag_dir, dist.get_rank())
-        if loader is not None:
-            loader.load_state_dict(rank_state["data"])
-        checkpoint.set_rng_state(rank_state["rng"])
-        first_step = job["step"]
+    if resume is not None:
+        first_step = _load(engine, resume, loader)
         if is_main:
-            print(f"resumed from {tag_dir} at step {first_step}" + (f"; changed: {', '.join(changes)}" if changes else ""),
-                  flush=True)
+            how = " (re-laid out through a universal checkpoint)" if resume.relayout else ""
+            changed = f"; changed: {', '.join(resume.changes)}" if resume.changes else ""
+            print(f"resumed from {resume.tag_dir} at step {first_step}{how}{changed}", flush=True)
     if loader is not None:
         batches = _loader_batches(loader)
 
@@ -154,6 +182,7 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
     log = _Logger(config, is_main, first_step)
     result = TrainResult(first_step=first_step)
     version = checkpoint.code_version() if is_main else "unknown"
+    universal_info = {"universal_checkpoint_info": universal_checkpoint_info(engine.module)}
     stop = _PreemptionFlag()
     start_time = time.perf_counter()
     for step in range(first_step, train_cfg.steps):
@@ -182,7 +211,7 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
         preempted = stop.agreed(engine.device)
         if preempted or config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
             rank_state = {"data": loader.state_dict() if loader is not None else None}
-            checkpoint.save(engine, config, done, tokens_per_step * done, rank_state, version=version)
+            checkpoint.save(engine, config, done, tokens_per_step * done, rank_state, universal_info, version)
         if preempted:
             result.preempted = True
             log.message(f"preempted: checkpoint written at step {done}, exiting")
@@ -201,6 +230,24 @@ def _register_mixer_parameters(model: TitansLM, deepspeed) -> None:
     for block in model.layers:
         for param in block.mixer.parameters():
             deepspeed.zero.register_external_parameter(block.mixer, param)
+
+
+def _load(engine, resume: _ResumePoint, loader) -> int:
+    """Load model, optimizer and scheduler states, the RNG and the data position; returns the step to continue
+    from. With the same layout every rank gets exactly its own state back; after a change of layout ranks that did
+    not exist take rank 0's RNG state, and the data position is re-split by epoch fraction."""
+    tag_dir = resume.tag_dir
+    source = _universal_checkpoint(tag_dir) if resume.relayout else tag_dir
+    load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
+    if load_path is None:
+        raise checkpoint.CheckpointError(f"DeepSpeed could not load {source}")
+    rank = dist.get_rank() if dist.get_rank() < resume.job["world_size"] else 0
+    rank_state = checkpoint.load_rank_state(tag_dir, rank)
+    if loader is not None:
+        loader.load_state_dict(checkpoint.load_rank_state(tag_dir, 0)["data"] if resume.relayout else rank_state["data"],
+                               allow_resplit=resume.relayout)
+    checkpoint.set_rng_state(rank_state["rng"])
+    return resume.job["step"]
 
 
 def _global_grad_norm(engine) -> float | None:

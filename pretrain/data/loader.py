@@ -325,15 +325,23 @@ class TokenLoader:
             "order": dict(self.dataset.identity),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_resplit: bool = False) -> None:
+        """Restore a position. A state saved with another data-parallel layout (dp_rank / dp_size) is refused
+        unless ``allow_resplit``: then the position keeps the epoch and the fraction of it already read, which
+        is exact only for the same layout (a resplit epoch may repeat or skip some of its samples)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         mine = self.dataset.identity
         diff = {k: (state["order"].get(k), mine[k]) for k in mine if state["order"].get(k) != mine[k]}
-        if diff:
+        resplit = allow_resplit and set(diff) <= {"dp_rank", "dp_size"}
+        if diff and not resplit:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"data loader state is for a different sample order ({detail})")
-        self.position = int(state["samples"])
+        if resplit:
+            fraction = int(state["sample_in_epoch"]) / int(state["samples_per_epoch"])
+            self.position = int(state["epoch"]) * self.samples_per_epoch + int(fraction * self.samples_per_epoch)
+        else:
+            self.position = int(state["samples"])
         self.skipped = int(state["skipped"])
 
 
