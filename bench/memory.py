@@ -11,28 +11,15 @@ Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
+from timing import median_seconds
 from titans_parallel.memory import NeuralMemory
 
 
 def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, warmup: int, reps: int) -> float:
     """Median seconds of one forward+backward."""
-    times = []
-    for i in range(warmup + reps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = module(x)[0]
-        out.float().square().mean().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: module(x)[0].float().square().mean().backward(), warmup, reps, x.is_cuda)
 
 
 def main() -> None:

@@ -12,31 +12,22 @@ depth, window and memory; memory-free layers are SWA.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
+from timing import median_seconds
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
 
-def time_step(model: torch.nn.Module, ids: torch.Tensor, warmup: int, reps: int) -> float:
+def time_step(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
     """Median seconds of forward + LM loss + backward."""
-    times = []
-    for i in range(warmup + reps):
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         out = model(ids[:, :-1])
-        logits = out[0] if isinstance(out, tuple) else out
-        lm_loss(logits, ids[:, 1:]).backward()
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        lm_loss(out[0] if isinstance(out, tuple) else out, ids[:, 1:]).backward()
+
+    return median_seconds(step, warmup, reps, ids.is_cuda)
 
 
 def our_model(variant: str, args) -> TitansLM:

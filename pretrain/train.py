@@ -262,13 +262,14 @@ def _global_grad_norm(engine) -> float | None:
 
 def _build_loader(config: JobConfig, dims):
     from pretrain.data import build_loader, prepare_default_dataset
+    from pretrain.data.default import default_dataset_dir
 
     root = config.data.path
-    if root is None:
+    if root is None:  # rank 0 builds (or reuses) the embedded dataset; the loader's manifest check guards the rest
         if dist.get_rank() == 0:
             prepare_default_dataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len)
         dist.barrier()
-        root = prepare_default_dataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len, progress=False)
+        root = default_dataset_dir(config.model.vocab_size, config.data.seq_len)
     loader = build_loader(
         root, batch_size=config.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
         num_workers=config.data.num_workers, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size,
@@ -294,7 +295,7 @@ def _evaluate(engine, config: JobConfig, dims, root) -> float:
     )
     total, count = torch.zeros((), device=engine.device), torch.zeros((), device=engine.device)
     engine.eval()
-    for i, tokens in zip(range(config.train.eval_batches), val):
+    for _, tokens in zip(range(config.train.eval_batches), val):
         tokens = tokens.to(engine.device)
         total += engine(tokens[:, :-1], tokens[:, 1:]).float() * tokens.shape[0]
         count += tokens.shape[0]
