@@ -5,11 +5,15 @@ Per chunk (length C, start state W, S) and per layer l, with X the queries' acti
 where A, Delta are the keys' activations and back-propagated errors at W. Every coefficient depends on the gates
 only, so all chunks' coefficients are computed at once (with autograd) before the sequential loop over chunks.
 
+Inside the loop each layer's weights and momentum are stacked as one [W_l; S_l] tensor [BH, 2 in_l, out_l], so the
+retrieval (b*X | f*X) [W; S], the chunk-end update [W; S] -= (g*A | m*A)^T Delta and their gradients are one
+matmul each rather than two, and the decays one elementwise op over the whole state.
+
 The loop has an explicit backward (`_ChunkLoop`): the forward runs without autograd and keeps each chunk's start
 state and small [C, width] intermediates; the backward walks the chunks in reverse and applies the hand-derived
-vector-Jacobian product of one chunk step (second-order terms through Delta included), accumulating state gradients
-with fused matmuls. `backward="autograd"` differentiates the same forward code with autograd instead: slower, but
-twice differentiable, and the check the explicit backward is tested against.
+vector-Jacobian product of one chunk step (second-order terms through Delta included). `backward="autograd"`
+differentiates the same forward code with autograd instead: slower, but twice differentiable, and the check the
+explicit backward is tested against.
 """
 
 from __future__ import annotations
@@ -27,21 +31,18 @@ BACKWARD_MODES = ("explicit", "autograd")
 class ChunkCoefficients(NamedTuple):
     """Gate-only coefficients of N chunks of C tokens, for a flattened batch*heads dimension BH.
 
-    b, f [BH, N, C, 1]: the coefficients of W and S in each token's weights (rows shifted down one for exclusive
+    retrieval [BH, N, C, 2, 1]: (b, f), each token's coefficients of W and S (rows shifted down one for exclusive
     retrieval); mixing [BH, N, C, C]: G = (P R) diag(theta), likewise shifted;
-    end_b, end_f, end_eta [BH, N, 1, 1]: W_end = end_b W + end_f S - ..., S_end = end_eta S - ...;
-    end_g, end_m [BH, N, C, 1]: the weights of each token's inner gradient in the chunk-end W and S.
-    The chunk end is the last real token (the final chunk may be padded).
+    decay [BH, N, 2, 1]: (end_b, end_eta) and carry [BH, N, 1, 1]: end_f, in W_end = end_b W + end_f S - ...,
+    S_end = end_eta S - ...; update [BH, N, C, 2, 1]: (end_g, end_m), the weights of each token's inner gradient
+    in the chunk-end W and S. The chunk end is the last real token (the final chunk may be padded).
     """
 
-    b: torch.Tensor
-    f: torch.Tensor
+    retrieval: torch.Tensor
     mixing: torch.Tensor
-    end_b: torch.Tensor
-    end_f: torch.Tensor
-    end_eta: torch.Tensor
-    end_g: torch.Tensor
-    end_m: torch.Tensor
+    decay: torch.Tensor
+    carry: torch.Tensor
+    update: torch.Tensor
 
     @classmethod
     def from_gates(cls, theta, eta, alpha, last: int, retrieve: str) -> "ChunkCoefficients":
@@ -63,16 +64,15 @@ class ChunkCoefficients(NamedTuple):
         upto = torch.arange(C, device=theta.device) <= rows[:, None]
         end_g = torch.take_along_dim(G, pick[..., None], dim=-2).squeeze(-2)
         end_m = theta * torch.exp((end_log_eta - log_eta).masked_fill(~upto, float("-inf")))
-        end_b = torch.take_along_dim(b, pick, dim=-1)
-        end_f = torch.take_along_dim(f, pick, dim=-1)
+        decay = torch.stack([torch.take_along_dim(b, pick, dim=-1), torch.exp(end_log_eta)], dim=-2)
+        carry = torch.take_along_dim(f, pick, dim=-1)
 
         if retrieve == "exclusive":
             b = torch.cat([torch.ones_like(b[..., :1]), b[..., :-1]], dim=-1)
             f = torch.cat([torch.zeros_like(f[..., :1]), f[..., :-1]], dim=-1)
             G = torch.cat([torch.zeros_like(G[..., :1, :]), G[..., :-1, :]], dim=-2)
         return cls(
-            b[..., None], f[..., None], G, end_b[..., None], end_f[..., None], torch.exp(end_log_eta)[..., None],
-            end_g[..., None], end_m[..., None],
+            torch.stack([b, f], dim=-1)[..., None], G, decay, carry[..., None], torch.stack([end_g, end_m], dim=-1)[..., None]
         )
 
 
@@ -102,8 +102,7 @@ def memory_scan(
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
     B, H, T, _ = q.shape
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
-    flat_state = [t.to(dtype).flatten(0, 1) for t in state.weights + state.momentum]
-    L = len(state.weights)
+    stacked = [torch.cat([w.to(dtype), s.to(dtype)], dim=-2).flatten(0, 1) for w, s in zip(state.weights, state.momentum)]
     if T == 0:
         y = q.new_zeros(B, H, 0, v.shape[-1])
     else:
@@ -119,19 +118,28 @@ def memory_scan(
         coef = ChunkCoefficients.from_gates(chunks(theta, 0.0), chunks(eta, 1.0), chunks(alpha, 0.0), (T - 1) % C, retrieve)
         inputs = (chunks(k, 0.0), chunks(v, 0.0), chunks(q, 0.0), *coef)
         if backward == "explicit":
-            y, *flat_state = _ChunkLoop.apply(activation, retrieve, L, *inputs, *flat_state)
+            y, *stacked = _ChunkLoop.apply(activation, retrieve, *inputs, *stacked)
         else:
-            y, flat_state = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, flat_state, saved=None)
+            y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, stacked, saved=None)
         y = y.reshape(B, H, N * C, -1)[:, :, :T]
-    unflat = [t.unflatten(0, (B, H)) for t in flat_state]
-    return y.to(out_dtype), MemoryState(tuple(unflat[:L]), tuple(unflat[L:]))
+    halves = [(s[:, : w.shape[-2]].unflatten(0, (B, H)), s[:, w.shape[-2] :].unflatten(0, (B, H))) for s, w in zip(stacked, state.weights)]
+    return y.to(out_dtype), MemoryState(tuple(w for w, _ in halves), tuple(s for _, s in halves))
+
+
+def _paired(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """x [BH, C, n] scaled by both columns of coef [BH, C, 2, 1], side by side: (c_0 x | c_1 x) [BH, C, 2n]."""
+    return (x[..., None, :] * coef).flatten(-2)
+
+
+def _top(stacked: torch.Tensor) -> torch.Tensor:
+    """The weights W [BH, in, out] of a stacked [W; S] [BH, 2 in, out] (a view)."""
+    return stacked[:, : stacked.shape[1] // 2]
 
 
 class _Intermediates(NamedTuple):
     """What one chunk step keeps for its backward ([BH, C, width] or [BH, C, C], plus the chunk-start state)."""
 
-    weights: list  # W_l at the chunk start
-    momentum: list  # S_l at the chunk start
+    states: list  # [W_l; S_l] at the chunk start
     acts: list  # A_0 = k, A_l = sigma(Z_l): the keys' activations entering each layer
     pres: list  # Z_l, l < L
     deltas: list  # Delta_l: errors back-propagated through the memory at the chunk-start weights
@@ -141,13 +149,13 @@ class _Intermediates(NamedTuple):
     scores: list  # X_l A_{l-1}^T
 
 
-def _forward_chunks(act: Activation, retrieve: str, inputs: tuple, flat_state: list, saved: list | None):
-    """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, C, ...]; flat_state:
-    W_1..W_L, S_1..S_L [BH, in, out]. Returns (y [BH, N, C, d_out], end state); appends to `saved` if given."""
-    L = len(flat_state) // 2
-    weights, momentum = list(flat_state[:L]), list(flat_state[L:])
+def _forward_chunks(act: Activation, retrieve: str, inputs: tuple, states: list, saved: list | None):
+    """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
+    [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given."""
+    L = len(states)
     outputs = []
-    for k, v, q, b, f, G, eb, ef, ee, g, m in zip(*(t.unbind(1) for t in inputs)):
+    for k, v, q, bf, G, decay, carry, gm in zip(*(t.unbind(1) for t in inputs)):
+        weights = [_top(s) for s in states]
         acts, pres, backs = [k], [], []
         for layer in range(L - 1):
             pres.append(acts[-1] @ weights[layer])
@@ -165,100 +173,97 @@ def _forward_chunks(act: Activation, retrieve: str, inputs: tuple, flat_state: l
                 z = x @ weights[layer]
             else:
                 scores.append(x @ acts[layer].transpose(-1, -2))
-                z = torch.baddbmm(
-                    torch.baddbmm((b * x) @ weights[layer], f * x, momentum[layer]), G * scores[-1], deltas[layer], alpha=-1
-                )
+                z = torch.baddbmm(_paired(x, bf) @ states[layer], G * scores[-1], deltas[layer], alpha=-1)
             if layer < L - 1:
                 zqs.append(z)
                 x = act.fn(z)
         outputs.append(z)
         if saved is not None:
-            saved.append(_Intermediates(weights, momentum, acts, pres, deltas, backs, xs, zqs, scores))
+            saved.append(_Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores))
 
-        inputs_t = [a.transpose(-1, -2) for a in acts]
-        weights = [
-            (w * eb).addcmul_(ef, s).baddbmm_(a_t, g * delta, alpha=-1)
-            for w, s, a_t, delta in zip(weights, momentum, inputs_t, deltas)
-        ]
-        momentum = [(s * ee).baddbmm_(a_t, m * delta, alpha=-1) for s, a_t, delta in zip(momentum, inputs_t, deltas)]
-    return torch.stack(outputs, dim=1), weights + momentum
-
-
-def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-batch Frobenius inner product of [BH, x, y] tensors -> [BH, 1, 1] (MKL's bmm is ~40x slower here)."""
-    return (a * b).sum((1, 2), keepdim=True)
+        new_states = []
+        for s, a, delta in zip(states, acts, deltas):
+            n = s.shape[1] // 2
+            new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
+            new[:, :n].addcmul_(s[:, n:], carry)
+            new_states.append(new.baddbmm_(_paired(a, gm).transpose(-1, -2), delta, alpha=-1))
+        states = new_states
+    return torch.stack(outputs, dim=1), states
 
 
 class _ChunkLoop(torch.autograd.Function):
     """`_forward_chunks` with the hand-derived backward (module docstring)."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, L: int, *tensors):
-        inputs, flat_state = tensors[:11], list(tensors[11:])
+    def forward(ctx, activation: str, retrieve: str, *tensors):
+        inputs, states = tensors[:8], list(tensors[8:])
         saved: list[_Intermediates] = []
-        y, end_state = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, flat_state, saved)
+        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, states, saved)
         ctx.activation, ctx.retrieve, ctx.intermediates = activation, retrieve, saved
         ctx.save_for_backward(*inputs)
-        return (y, *end_state)
+        return (y, *end_states)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, *d_end_state):
+    def backward(ctx, dy, *d_end_states):
         act, retrieve, saved = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates
         inputs = ctx.saved_tensors
-        L = len(saved[0].weights)
-        d_state = [torch.zeros_like(w) if d is None else d for w, d in zip(saved[-1].weights + saved[-1].momentum, d_end_state)]
-        dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_state[L - 1].shape[-1]) if dy is None else dy
+        d_states = [torch.zeros_like(s) if d is None else d.clone() for s, d in zip(saved[-1].states, d_end_states)]
+        dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
         grads = [[] for _ in inputs]
         for n in range(len(saved) - 1, -1, -1):
             chunk = [t[:, n] for t in inputs]
-            chunk_grads, d_state = _chunk_backward(act, retrieve, saved[n], chunk, dy[:, n], d_state[:L], d_state[L:])
+            chunk_grads, d_states = _chunk_backward(act, retrieve, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
         ctx.intermediates = None
-        return (None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_state)
+        return (None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
 
 
-def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: list, dy, dW_end, dS_end):
+def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of `_paired`: the gradients (of x [BH, C, n], of coef [BH, C, 2, 1]) from that of its output."""
+    d_paired = d_paired.unflatten(-1, (2, -1))
+    return (d_paired * coef).sum(-2), (d_paired * x[..., None, :]).sum(-1, keepdim=True)
+
+
+def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: list, dy, d_ends: list):
     """Vector-Jacobian product of one chunk step.
 
-    Given dy [BH, C, d_out] and the gradients of the chunk-end state, returns the gradients of the chunk's inputs
-    (k, v, q, b, f, G, end_b, end_f, end_eta, end_g, end_m) and of the chunk-start state (W_1..W_L, S_1..S_L).
+    Given dy [BH, C, d_out] and the gradients of the chunk-end states (consumed: updated in place), returns the
+    gradients of the chunk's inputs (k, v, q, retrieval, mixing, decay, carry, update) and of the chunk-start states.
     """
-    k, v, q, b, f, G, eb, ef, ee, g, m = chunk
-    L = len(s.weights)
-    # Chunk-end update: W' = eb W + ef S - A^T (g Delta), S' = ee S - A^T (m Delta).
-    dW = [dw * eb for dw in dW_end]
-    dS = [torch.addcmul(ds * ee, dw, ef) for dw, ds in zip(dW_end, dS_end)]
-    d_eb = sum(_inner(dw, w) for dw, w in zip(dW_end, s.weights))
-    d_ef = sum(_inner(dw, sm) for dw, sm in zip(dW_end, s.momentum))
-    d_ee = sum(_inner(ds, sm) for ds, sm in zip(dS_end, s.momentum))
-    d_acts, d_deltas, d_g, d_m = [], [], 0, 0
+    k, v, q, bf, G, decay, carry, gm = chunk
+    L = len(s.states)
+    weights = [_top(st) for st in s.states]
+    # Chunk-end update: [W'; S'] = [end_b W + end_f S; end_eta S] - (g*A | m*A)^T Delta.
+    d_decay, d_carry, d_gm = 0, 0, 0
+    d_acts, d_deltas = [], []
     for layer in range(L):
-        a, delta = s.acts[layer], s.deltas[layer]
-        pw, ps = a @ dW_end[layer], a @ dS_end[layer]  # -dGamma, -dMu: [C, out]
-        d_deltas.append(-(g * pw + m * ps))
-        d_g = d_g - (pw * delta).sum(-1, keepdim=True)
-        d_m = d_m - (ps * delta).sum(-1, keepdim=True)
-        d_acts.append(-torch.baddbmm((g * delta) @ dW_end[layer].transpose(-1, -2), m * delta, dS_end[layer].transpose(-1, -2)))
+        st, d_end, a, delta = s.states[layer], d_ends[layer], s.acts[layer], s.deltas[layer]
+        n = st.shape[1] // 2
+        d_decay = d_decay + torch.linalg.vecdot(d_end.view(d_end.shape[0], 2, -1), st.view(st.shape[0], 2, -1))[..., None]
+        d_carry = d_carry + torch.linalg.vecdot(d_end[:, :n].flatten(1), st[:, n:].flatten(1))[:, None, None]
+        d_a, d_coef = _unpaired(-(delta @ d_end.transpose(-1, -2)), a, gm)
+        d_acts.append(d_a)
+        d_gm = d_gm + d_coef
+        d_deltas.append(-(_paired(a, gm) @ d_end))
+        d_end[:, n:].mul_(decay[:, 1:]).addcmul_(d_end[:, :n], carry)
+        d_end[:, :n].mul_(decay[:, :1])
+    d_starts = d_ends
 
     # Query side, last layer first.
-    d_b = torch.zeros_like(b)
-    d_f = torch.zeros_like(f)
+    d_bf = torch.zeros_like(bf)
     d_G = torch.zeros_like(G)
     dz = dy
     for layer in range(L - 1, -1, -1):
-        x, w, sm = s.xs[layer], s.weights[layer], s.momentum[layer]
+        x = s.xs[layer]
         if retrieve == "chunk":
-            dW[layer].baddbmm_(x.transpose(-1, -2), dz)
-            dx = dz @ w.transpose(-1, -2)
+            _top(d_starts[layer]).baddbmm_(x.transpose(-1, -2), dz)
+            dx = dz @ weights[layer].transpose(-1, -2)
         else:
-            dW[layer].baddbmm_((b * x).transpose(-1, -2), dz)
-            dS[layer].baddbmm_((f * x).transpose(-1, -2), dz)
-            dxw, dxs = dz @ w.transpose(-1, -2), dz @ sm.transpose(-1, -2)
-            d_b += (x * dxw).sum(-1, keepdim=True)
-            d_f += (x * dxs).sum(-1, keepdim=True)
-            dx = torch.addcmul(b * dxw, f, dxs)
+            d_starts[layer].baddbmm_(_paired(x, bf).transpose(-1, -2), dz)
+            dx, d_coef = _unpaired(dz @ s.states[layer].transpose(-1, -2), x, bf)
+            d_bf += d_coef
             d_scores_mixed = -(dz @ s.deltas[layer].transpose(-1, -2))  # d(G o U): [C, C]
             d_deltas[layer] -= (G * s.scores[layer]).transpose(-1, -2) @ dz
             d_G += d_scores_mixed * s.scores[layer]
@@ -269,22 +274,28 @@ def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: li
     dq = dz
 
     # Keys: first the inner backward pass Delta_l = (Delta_{l+1} W_{l+1}^T) * sigma'(Z_l), in reverse of its order.
+    # Their weight gradients go to contiguous buffers first (an in-place matmul into the W half is slow).
+    d_weights = [None] * L
     d_pres = [None] * (L - 1)
     for layer in range(L - 1):
         z = s.pres[layer]
         d_back = d_deltas[layer] * act.grad(z)
         d_pres[layer] = d_deltas[layer] * s.backs[layer] * act.grad2(z)
-        d_deltas[layer + 1].baddbmm_(d_back, s.weights[layer + 1])
-        dW[layer + 1].baddbmm_(d_back.transpose(-1, -2), s.deltas[layer + 1])
+        d_deltas[layer + 1].baddbmm_(d_back, weights[layer + 1])
+        d_weights[layer + 1] = d_back.transpose(-1, -2) @ s.deltas[layer + 1]
     # Delta_L = 2 (A_{L-1} W_L - v).
     d_err = d_deltas[-1]
-    d_acts[-1].baddbmm_(d_err, s.weights[-1].transpose(-1, -2), alpha=2)
-    dW[-1].baddbmm_(s.acts[-1].transpose(-1, -2), d_err, alpha=2)
+    d_acts[-1].baddbmm_(d_err, weights[-1].transpose(-1, -2), alpha=2)
+    d_last = s.acts[-1].transpose(-1, -2) @ d_err
+    d_weights[-1] = d_last.mul_(2) if d_weights[-1] is None else d_weights[-1].add_(d_last, alpha=2)
     dv = -2 * d_err
     # Keys forward: A_l = sigma(Z_l), Z_l = A_{l-1} W_l.
     for layer in range(L - 2, -1, -1):
         dz_key = torch.addcmul(d_pres[layer], d_acts[layer + 1], act.grad(s.pres[layer]))
-        d_acts[layer].baddbmm_(dz_key, s.weights[layer].transpose(-1, -2))
-        dW[layer].baddbmm_(s.acts[layer].transpose(-1, -2), dz_key)
+        d_acts[layer].baddbmm_(dz_key, weights[layer].transpose(-1, -2))
+        d_key = s.acts[layer].transpose(-1, -2) @ dz_key
+        d_weights[layer] = d_key if d_weights[layer] is None else d_weights[layer].add_(d_key)
+    for d_start, d_w in zip(d_starts, d_weights):
+        _top(d_start).add_(d_w)
     dk = d_acts[0]
-    return [dk, dv, dq, d_b, d_f, d_G, d_eb, d_ef, d_ee, d_g, d_m], dW + dS
+    return [dk, dv, dq, d_bf, d_G, d_decay, d_carry, d_gm], d_starts
