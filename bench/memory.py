@@ -3,9 +3,11 @@
     python bench/memory.py                      # CPU shape of issue 2: D=256 H=4 d=64 C=16 B=2 T=1024 depth 2
     python bench/memory.py --dim 1024 --heads 16 --chunk 64 --batch 4 --seq 4096 --device cuda
 
-Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory with its default batch_size=None (every
-inner gradient taken at the initial weights) and with batch_size = chunk (the paper's rule, which we compute).
-Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
+Ours runs twice: eager, and with `compile_scan=True` (each chunk step through torch.compile; its compile time is
+spent in the warm-up round, not timed). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
+with its default batch_size=None (every inner gradient taken at the initial weights) and with batch_size = chunk
+(the paper's rule, which we compute). Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
+All runs are interleaved round by round (`timing.interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ from __future__ import annotations
 import argparse
 import torch
 
-from timing import median_seconds
+from timing import interleaved_medians
 from titans_parallel.memory import NeuralMemory
 
-
-def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, warmup: int, reps: int) -> float:
-    """Median seconds of one forward+backward."""
-    return median_seconds(lambda: module(x)[0].float().square().mean().backward(), warmup, reps, x.is_cuda)
+OURS = ("titans-parallel eager", "titans-parallel compiled")
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-peer", action="store_true", help="time titans-parallel only")
     args = parser.parse_args()
 
@@ -41,9 +40,11 @@ def main() -> None:
     x = torch.randn(args.batch, args.seq, args.dim, device=args.device)
     tokens = args.batch * args.seq
     runs = {
-        "titans-parallel (paper rule)": NeuralMemory(
-            args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk
+        label: NeuralMemory(
+            args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk,
+            compile_scan=compiled,
         )
+        for label, compiled in zip(OURS, (False, True))
     }
     if not args.no_peer:
         from titans_pytorch import NeuralMemory as LucidrainsMemory
@@ -54,16 +55,20 @@ def main() -> None:
                 default_model_kwargs=dict(depth=args.depth, expansion_factor=4.0),
             )
     print(f"shape: B={args.batch} T={args.seq} D={args.dim} H={args.heads} d={args.head_dim} chunk={args.chunk} "
-          f"depth={args.depth} device={args.device} threads={torch.get_num_threads()}")
-    rates = {}
-    for label, module in runs.items():
-        seconds = time_fwd_bwd(module.to(args.device), x, args.warmup, args.reps)
-        rates[label] = tokens / seconds
-        print(f"{label:40s} {rates[label]:12,.0f} tokens/s  ({seconds * 1e3:8.1f} ms fwd+bwd)")
-    ours = rates["titans-parallel (paper rule)"]
+          f"depth={args.depth} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
+
+    def fwd_bwd(module: torch.nn.Module):
+        module.to(args.device)
+        return lambda: module(x)[0].float().square().mean().backward()
+
+    seconds = interleaved_medians({label: fwd_bwd(m) for label, m in runs.items()}, args.warmup, args.reps, x.is_cuda)
+    rates = {label: tokens / s for label, s in seconds.items()}
     for label, rate in rates.items():
-        if not label.startswith("titans-parallel"):
-            print(f"ratio titans-parallel / {label}: {ours / rate:.2f}x")
+        print(f"{label:40s} {rate:12,.0f} tokens/s  ({seconds[label] * 1e3:8.1f} ms fwd+bwd)")
+    for ours in OURS:
+        for label, rate in rates.items():
+            if label not in OURS:
+                print(f"ratio {ours} / {label}: {rates[ours] / rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,19 @@ from collections.abc import Callable
 import torch
 
 
-def median_seconds(step: Callable[[], None], warmup: int, reps: int, cuda: bool) -> float:
-    """Median wall time of `step()` over `reps` runs after `warmup` runs (synchronising CUDA around each)."""
-    times = []
+def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int, reps: int, cuda: bool) -> dict[str, float]:
+    """Median wall seconds of each step over `reps` rounds after `warmup` rounds. Every round runs each step once,
+    in turn, so a machine that speeds up or slows down during the run biases no step against another (shared CPUs
+    drift by tens of percent over minutes). CUDA is synchronised around each run."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + reps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

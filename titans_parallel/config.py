@@ -24,6 +24,7 @@ class MemoryConfig:
     theta_max: float = 0.01  # inner learning rate theta_t = theta_max * sigmoid(.); see NeuralMemory
     activation: Literal["silu", "gelu"] = "silu"
     retrieve: Literal["inclusive", "exclusive", "chunk"] = "inclusive"
+    compile_scan: bool = False  # torch.compile each chunk step (fused kernels; compiles once per shape)
 
     def __post_init__(self):
         for name in ("depth", "expansion", "chunk_size", "conv_kernel"):

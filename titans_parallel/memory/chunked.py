@@ -18,6 +18,7 @@ explicit backward is tested against.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -88,6 +89,7 @@ def memory_scan(
     retrieve: str = "inclusive",
     activation: str = "silu",
     backward: str = "explicit",
+    compile: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Run the neural memory over a sequence; returns (y [B, H, T, d_out] in q's dtype, state at the end).
 
@@ -95,7 +97,8 @@ def memory_scan(
     state: MemoryState with W_l, S_l [B, H, in_l, out_l]. Chunks of `chunk_size` tokens are counted from the first
     token of the call; T need not be a multiple of it. Computation and the returned state are fp32 (fp64 for fp64
     inputs). Differentiable in every input and in the state; `backward="autograd"` is twice differentiable.
-    No per-token weights are ever materialised.
+    No per-token weights are ever materialised. `compile`: run the steps of full chunks (forward and explicit
+    backward) through torch.compile, fusing their elementwise work; each new shape compiles once (~10 s on CPU).
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     if backward not in BACKWARD_MODES:
@@ -118,7 +121,7 @@ def memory_scan(
         coef = ChunkCoefficients.from_gates(chunks(theta, 0.0), chunks(eta, 1.0), chunks(alpha, 0.0), (T - 1) % C, retrieve)
         inputs = (chunks(k, 0.0), chunks(v, 0.0), chunks(q, 0.0), *coef)
         if backward == "explicit":
-            y, *stacked = _ChunkLoop.apply(activation, retrieve, *inputs, *stacked)
+            y, *stacked = _ChunkLoop.apply(activation, retrieve, compile and C == chunk_size, *inputs, *stacked)
         else:
             y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, stacked, saved=None)
         y = y.reshape(B, H, N * C, -1)[:, :, :T]
@@ -149,57 +152,74 @@ class _Intermediates(NamedTuple):
     scores: list  # X_l A_{l-1}^T
 
 
-def _forward_chunks(act: Activation, retrieve: str, inputs: tuple, states: list, saved: list | None):
+def _forward_chunks(
+    act: Activation, retrieve: str, inputs: tuple, states: list, saved: list | None, step=None
+) -> tuple[torch.Tensor, list]:
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
-    [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given."""
-    L = len(states)
+    [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given. `step` replaces
+    `_chunk_forward` (by its compiled twin)."""
+    step = step or _chunk_forward
     outputs = []
-    for k, v, q, bf, G, decay, carry, gm in zip(*(t.unbind(1) for t in inputs)):
-        weights = [_top(s) for s in states]
-        acts, pres, backs = [k], [], []
-        for layer in range(L - 1):
-            pres.append(acts[-1] @ weights[layer])
-            acts.append(act.fn(pres[-1]))
-        deltas = [torch.baddbmm(v, acts[-1], weights[-1], beta=-2, alpha=2)]  # 2 (f(k) - v)
-        for layer in range(L - 1, 0, -1):
-            backs.insert(0, deltas[0] @ weights[layer].transpose(-1, -2))
-            deltas.insert(0, backs[0] * act.grad(pres[layer - 1]))
-
-        xs, zqs, scores = [], [], []
-        x = q
-        for layer in range(L):
-            xs.append(x)
-            if retrieve == "chunk":
-                z = x @ weights[layer]
-            else:
-                scores.append(x @ acts[layer].transpose(-1, -2))
-                z = torch.baddbmm(_paired(x, bf) @ states[layer], G * scores[-1], deltas[layer], alpha=-1)
-            if layer < L - 1:
-                zqs.append(z)
-                x = act.fn(z)
+    for chunk in zip(*(t.unbind(1) for t in inputs)):
+        z, new_states, kept = step(act, retrieve, states, *chunk)
         outputs.append(z)
         if saved is not None:
-            saved.append(_Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores))
-
-        new_states = []
-        for s, a, delta in zip(states, acts, deltas):
-            n = s.shape[1] // 2
-            new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
-            new[:, :n].addcmul_(s[:, n:], carry)
-            new_states.append(new.baddbmm_(_paired(a, gm).transpose(-1, -2), delta, alpha=-1))
+            saved.append(kept)
         states = new_states
     return torch.stack(outputs, dim=1), states
 
 
+def _chunk_forward(act: Activation, retrieve: str, states: list, k, v, q, bf, G, decay, carry, gm):
+    """One chunk step: (outputs z [BH, C, d_out], chunk-end states, the `_Intermediates` of its backward)."""
+    L = len(states)
+    weights = [_top(s) for s in states]
+    acts, pres, backs = [k], [], []
+    for layer in range(L - 1):
+        pres.append(acts[-1] @ weights[layer])
+        acts.append(act.fn(pres[-1]))
+    deltas = [torch.baddbmm(v, acts[-1], weights[-1], beta=-2, alpha=2)]  # 2 (f(k) - v)
+    for layer in range(L - 1, 0, -1):
+        backs.insert(0, deltas[0] @ weights[layer].transpose(-1, -2))
+        deltas.insert(0, backs[0] * act.grad(pres[layer - 1]))
+
+    xs, zqs, scores = [], [], []
+    x = q
+    for layer in range(L):
+        xs.append(x)
+        if retrieve == "chunk":
+            z = x @ weights[layer]
+        else:
+            scores.append(x @ acts[layer].transpose(-1, -2))
+            z = torch.baddbmm(_paired(x, bf) @ states[layer], G * scores[-1], deltas[layer], alpha=-1)
+        if layer < L - 1:
+            zqs.append(z)
+            x = act.fn(z)
+
+    new_states = []
+    for s, a, delta in zip(states, acts, deltas):
+        n = s.shape[1] // 2
+        new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
+        new[:, :n].addcmul_(s[:, n:], carry)
+        new_states.append(new.baddbmm_(_paired(a, gm).transpose(-1, -2), delta, alpha=-1))
+    return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores)
+
+
+@functools.cache
+def _compiled(step):
+    """torch.compile of a chunk step for fixed shapes (one graph per shape; mode as default)."""
+    return torch.compile(step, dynamic=False)
+
+
 class _ChunkLoop(torch.autograd.Function):
-    """`_forward_chunks` with the hand-derived backward (module docstring)."""
+    """`_forward_chunks` with the hand-derived backward (module docstring); both steps compiled if asked."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, *tensors):
+    def forward(ctx, activation: str, retrieve: str, compiled: bool, *tensors):
         inputs, states = tensors[:8], list(tensors[8:])
         saved: list[_Intermediates] = []
-        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, states, saved)
-        ctx.activation, ctx.retrieve, ctx.intermediates = activation, retrieve, saved
+        step = _compiled(_chunk_forward) if compiled else None
+        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, states, saved, step)
+        ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
         ctx.save_for_backward(*inputs)
         return (y, *end_states)
 
@@ -207,17 +227,18 @@ class _ChunkLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, *d_end_states):
         act, retrieve, saved = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates
+        step = _compiled(_chunk_backward) if ctx.compiled else _chunk_backward
         inputs = ctx.saved_tensors
-        d_states = [torch.zeros_like(s) if d is None else d.clone() for s, d in zip(saved[-1].states, d_end_states)]
+        d_states = [torch.zeros_like(s) if d is None else d for s, d in zip(saved[-1].states, d_end_states)]
         dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
         grads = [[] for _ in inputs]
         for n in range(len(saved) - 1, -1, -1):
             chunk = [t[:, n] for t in inputs]
-            chunk_grads, d_states = _chunk_backward(act, retrieve, saved[n], chunk, dy[:, n], d_states)
+            chunk_grads, d_states = step(act, retrieve, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
         ctx.intermediates = None
-        return (None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
+        return (None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +250,7 @@ def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tu
 def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: list, dy, d_ends: list):
     """Vector-Jacobian product of one chunk step.
 
-    Given dy [BH, C, d_out] and the gradients of the chunk-end states (consumed: updated in place), returns the
+    Given dy [BH, C, d_out] and the gradients of the chunk-end states, returns the
     gradients of the chunk's inputs (k, v, q, retrieval, mixing, decay, carry, update) and of the chunk-start states.
     """
     k, v, q, bf, G, decay, carry, gm = chunk
@@ -237,19 +258,19 @@ def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: li
     weights = [_top(st) for st in s.states]
     # Chunk-end update: [W'; S'] = [end_b W + end_f S; end_eta S] - (g*A | m*A)^T Delta.
     d_decay, d_carry, d_gm = 0, 0, 0
-    d_acts, d_deltas = [], []
+    d_acts, d_deltas, d_starts = [], [], []
     for layer in range(L):
         st, d_end, a, delta = s.states[layer], d_ends[layer], s.acts[layer], s.deltas[layer]
-        n = st.shape[1] // 2
-        d_decay = d_decay + torch.linalg.vecdot(d_end.view(d_end.shape[0], 2, -1), st.view(st.shape[0], 2, -1))[..., None]
-        d_carry = d_carry + torch.linalg.vecdot(d_end[:, :n].flatten(1), st[:, n:].flatten(1))[:, None, None]
+        d_halves, halves = d_end.view(d_end.shape[0], 2, -1), st.view(st.shape[0], 2, -1)
+        d_decay = d_decay + torch.linalg.vecdot(d_halves, halves)[..., None]
+        d_carry = d_carry + torch.linalg.vecdot(d_halves[:, 0], halves[:, 1])[:, None, None]
         d_a, d_coef = _unpaired(-(delta @ d_end.transpose(-1, -2)), a, gm)
         d_acts.append(d_a)
         d_gm = d_gm + d_coef
         d_deltas.append(-(_paired(a, gm) @ d_end))
-        d_end[:, n:].mul_(decay[:, 1:]).addcmul_(d_end[:, :n], carry)
-        d_end[:, :n].mul_(decay[:, :1])
-    d_starts = d_ends
+        d_start = d_halves * decay  # [end_b dW'; end_eta dS']
+        d_start[:, 1].addcmul_(d_halves[:, 0], carry[:, 0])
+        d_starts.append(d_start.view_as(d_end))
 
     # Query side, last layer first.
     d_bf = torch.zeros_like(bf)

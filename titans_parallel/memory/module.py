@@ -61,6 +61,7 @@ class NeuralMemory(nn.Module):
 
     Initialisation (normal, by standard deviation): in_proj and gate_proj weights init_std, out_proj out_std, conv
     1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
+    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`).
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
     the sequence itself).
@@ -78,6 +79,7 @@ class NeuralMemory(nn.Module):
         theta_max: float = 0.01,
         retrieve: str = "inclusive",
         activation: str = "silu",
+        compile_scan: bool = False,
         norm_eps: float = 1e-6,
         *,
         init_std: float = 0.02,
@@ -87,7 +89,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads"), head_dim
         self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
-        self.retrieve, self.activation, self.norm_eps = retrieve, activation, norm_eps
+        self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
         self.full_sequence = full_sequence
         column = functools.partial(
             column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
@@ -181,17 +183,21 @@ class NeuralMemory(nn.Module):
         cache = cache if cache is not None else self.initial_cache(B)
         proj = proj.view(B, T, H, 4, d)
         qkv, tail = self._conv(proj[:, :, :, :3], cache.conv_tail, slice(0, 3))
-        q, k, v = F.normalize(qkv[:, :, 0], dim=-1), F.normalize(qkv[:, :, 1], dim=-1), qkv[:, :, 2]
-        gates = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1))  # [B, H, 3, T]
-        theta, eta, alpha = self.theta_max * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
+        q, k, v = qkv.unbind(2)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
+        theta = self.theta_max * theta
 
         p = cache.pending[0].shape[2]
-        k, v, theta, eta, alpha = (torch.cat([old, new], dim=2) for old, new in zip(cache.pending, (k, v, theta, eta, alpha)))
-        q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)  # pending tokens' outputs were already returned
+        if p:  # the pending tokens re-enter the scan; their outputs were already returned
+            k, v, theta, eta, alpha = (torch.cat([old, new], dim=2) for old, new in zip(cache.pending, (k, v, theta, eta, alpha)))
+            q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)
         boundary = (p + T) // self.chunk_size * self.chunk_size
-        y_full, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
-        y_rest, _ = self._scan(q, k, v, theta, eta, alpha, memory, boundary, p + T)
-        y = torch.cat([y_full, y_rest], dim=2)[:, :, p:]
+        y, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
+        if boundary < p + T:
+            y_rest, _ = self._scan(q, k, v, theta, eta, alpha, memory, boundary, p + T)
+            y = torch.cat([y, y_rest], dim=2)
+        y = y[:, :, p:]
         pending = tuple(t[:, :, boundary:] for t in (k, v, theta, eta, alpha))
 
         gated = self._gated(y, proj[:, :, :, 3])
@@ -207,5 +213,5 @@ class NeuralMemory(nn.Module):
         s = slice(start, end)
         return memory_scan(
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
-            chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation,
+            chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation, compile=self.compile_scan,
         )
