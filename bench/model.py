@@ -3,10 +3,13 @@
     python bench/model.py                         # D=256, 4 layers, segment/window 128, memory in layers 2 and 4
     python bench/model.py --seq 4096 --device cuda --no-peer
 
-The peer (pip install -r requirements-bench.txt) is built at matched size: dim 256, depth 4, heads 4 x 64,
-segment 128, 4 persistent tokens, neural memory (depth-2 MLP, chunk 16) in layers 2 and 4; its own defaults
-elsewhere (16 long-term memory tokens per segment, 4 residual streams). Our Titans variants use the same width,
-depth, window and memory; memory-free layers are SWA.
+Memory variants run eager and with `memory.compile_scan` (torch.compile of each chunk step; compiled in the
+warm-up round). The peer (pip install -r requirements-bench.txt) is built at matched size: dim 256, depth 4,
+heads 4 x 64, segment 128, 4 persistent tokens, 16 long-term memory tokens per segment, 4 residual streams, neural
+memory (depth-2 MLP, expansion 4) in layers 2 and 4, twice: with its defaults (memory chunk = segment + long-term
+tokens = 144, every inner gradient of a chunk taken at the chunk's start... of the whole call: batch_size=None)
+and matched to what ours computes (memory chunk 16 with the paper's rule, batch_size = chunk). Our Titans variants
+use the same width, depth, window and memory; memory-free layers are SWA. All runs alternate round by round.
 """
 
 from __future__ import annotations
@@ -14,32 +17,35 @@ from __future__ import annotations
 import argparse
 import torch
 
-from timing import median_seconds
+from timing import interleaved_medians
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
+MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
 
 
-def time_step(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
-    """Median seconds of forward + LM loss + backward."""
-
-    def step() -> None:
-        out = model(ids[:, :-1])
-        lm_loss(out[0] if isinstance(out, tuple) else out, ids[:, 1:]).backward()
-
-    return median_seconds(step, warmup, reps, ids.is_cuda)
-
-
-def our_model(variant: str, args) -> TitansLM:
+def our_model(variant: str, compiled: bool, args) -> TitansLM:
     """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does."""
     pattern = None
-    if variant in ("mac", "mag", "mal", "lmm") and args.layers == 4:
+    if variant in MEMORY_VARIANTS and args.layers == 4:
         pattern = ["swa", variant, "swa", variant]
+    memory = MemoryConfig(chunk_size=args.chunk, depth=2, expansion=4, compile_scan=compiled)
     config = ModelConfig(
         vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, variant=variant,
-        layer_pattern=pattern, window=args.window, memory=MemoryConfig(chunk_size=args.chunk, depth=2, expansion=4),
+        layer_pattern=pattern, window=args.window, memory=memory,
     )
     return TitansLM(config)
+
+
+def peer_model(args, matched: bool) -> torch.nn.Module:
+    from titans_pytorch import MemoryAsContextTransformer
+
+    memory_chunk = dict(neural_memory_segment_len=args.chunk, neural_memory_batch_size=args.chunk) if matched else {}
+    return MemoryAsContextTransformer(
+        num_tokens=args.vocab, dim=args.dim, depth=args.layers, segment_len=args.window, dim_head=64,
+        heads=args.dim // 64, num_persist_mem_tokens=4, num_longterm_mem_tokens=16, neural_memory_layers=(2, 4),
+        neural_memory_kwargs=dict(dim_head=64, heads=args.dim // 64), **memory_chunk,
+    )
 
 
 def main() -> None:
@@ -53,8 +59,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="memory variants' scan")
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
 
@@ -62,25 +69,31 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     tokens = args.batch * args.seq
     print(f"shape: B={args.batch} T={args.seq} D={args.dim} layers={args.layers} window/segment={args.window} "
-          f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()}")
-    rates = {}
+          f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    models: dict[str, torch.nn.Module] = {}
     for variant in args.variants.split(","):
-        model = our_model(variant, args).to(args.device)
-        rates[variant] = tokens / time_step(model, ids, args.warmup, args.reps)
-        print(f"titans-parallel {variant:12s} {model.num_parameters() / 1e6:6.2f}M params {rates[variant]:10,.0f} tokens/s")
+        for compiled in modes if variant in MEMORY_VARIANTS else (False,):
+            name = f"titans-parallel {variant}" + (" compiled" if compiled else "")
+            models[name] = our_model(variant, compiled, args)
     if not args.no_peer:
-        from titans_pytorch import MemoryAsContextTransformer
+        models["lucidrains MAC, its defaults"] = peer_model(args, matched=False)
+        models["lucidrains MAC, matched (chunk 16, paper rule)"] = peer_model(args, matched=True)
 
-        peer = MemoryAsContextTransformer(
-            num_tokens=args.vocab, dim=args.dim, depth=args.layers, segment_len=args.window, dim_head=64,
-            heads=args.dim // 64, num_persist_mem_tokens=4, num_longterm_mem_tokens=16,
-            neural_memory_layers=(2, 4), neural_memory_kwargs=dict(dim_head=64, heads=args.dim // 64),
-        ).to(args.device)
-        peer_rate = tokens / time_step(lambda x: peer(x), ids, args.warmup, args.reps)
-        n_peer = sum(p.numel() for p in peer.parameters())
-        print(f"lucidrains MemoryAsContextTransformer {n_peer / 1e6:6.2f}M params {peer_rate:10,.0f} tokens/s")
-        if "mac" in rates:
-            print(f"ratio titans-parallel MAC / lucidrains MAC: {rates['mac'] / peer_rate:.1f}x")
+    def fwd_bwd(name: str, model: torch.nn.Module):
+        model.to(args.device)
+        if name.startswith("lucidrains"):
+            return lambda: model(ids, return_loss=True).backward()
+        return lambda: lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+
+    seconds = interleaved_medians({n: fwd_bwd(n, m) for n, m in models.items()}, args.warmup, args.reps, ids.is_cuda)
+    rates = {name: tokens / s for name, s in seconds.items()}
+    for name, rate in rates.items():
+        n_params = sum(p.numel() for p in models[name].parameters())
+        print(f"{name:48s} {n_params / 1e6:6.2f}M params {rate:10,.0f} tokens/s")
+    for ours in (n for n in rates if n.startswith("titans-parallel mac")):
+        for peer in (n for n in rates if n.startswith("lucidrains")):
+            print(f"ratio {ours} / {peer}: {rates[ours] / rates[peer]:.1f}x")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,8 @@ def test_bad_arguments_are_named():
         memory_scan(**inputs, state=state, activation="tanh")
     with pytest.raises(ValueError, match="state layer 1"):
         memory_scan(**inputs, state=MemoryState(state.weights[:1] + state.weights[:1], state.momentum))
+    with pytest.raises(ValueError, match="explicit"):
+        memory_scan(**inputs, state=state, backward="autograd", compile=True)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

@@ -103,6 +103,8 @@ def memory_scan(
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
+    if compile and backward != "explicit":
+        raise ValueError('compile=True compiles the explicit backward\'s steps; it needs backward="explicit"')
     B, H, T, _ = q.shape
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
     stacked = [torch.cat([w.to(dtype), s.to(dtype)], dim=-2).flatten(0, 1) for w, s in zip(state.weights, state.momentum)]
