@@ -7,7 +7,8 @@ only, so all chunks' coefficients are computed at once (with autograd) before th
 
 Inside the loop each layer's weights and momentum are stacked as one [W_l; S_l] tensor [BH, 2 in_l, out_l], so the
 retrieval (b*X | f*X) [W; S], the chunk-end update [W; S] -= (g*A | m*A)^T Delta and their gradients are one
-matmul each rather than two, and the decays one elementwise op over the whole state.
+matmul each rather than two. At small shapes the loop is bound by passes over the state, not by matmul FLOPs;
+`compile=True` runs each chunk step through torch.compile, which fuses a step's elementwise passes.
 
 The loop has an explicit backward (`_ChunkLoop`): the forward runs without autograd and keeps each chunk's start
 state and small [C, width] intermediates; the backward walks the chunks in reverse and applies the hand-derived
