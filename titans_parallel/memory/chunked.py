@@ -73,9 +73,8 @@ class ChunkCoefficients(NamedTuple):
             b = torch.cat([torch.ones_like(b[..., :1]), b[..., :-1]], dim=-1)
             f = torch.cat([torch.zeros_like(f[..., :1]), f[..., :-1]], dim=-1)
             G = torch.cat([torch.zeros_like(G[..., :1, :]), G[..., :-1, :]], dim=-2)
-        return cls(
-            torch.stack([b, f], dim=-1)[..., None], G, decay, carry[..., None], torch.stack([end_g, end_m], dim=-1)[..., None]
-        )
+        retrieval, update = torch.stack([b, f], dim=-1)[..., None], torch.stack([end_g, end_m], dim=-1)[..., None]
+        return cls(retrieval, G, decay, carry[..., None], update)
 
 
 def memory_scan(
@@ -108,7 +107,8 @@ def memory_scan(
         raise ValueError('compile=True compiles the explicit backward\'s steps; it needs backward="explicit"')
     B, H, T, _ = q.shape
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
-    stacked = [torch.cat([w.to(dtype), s.to(dtype)], dim=-2).flatten(0, 1) for w, s in zip(state.weights, state.momentum)]
+    stacked = [torch.cat([w.to(dtype), s.to(dtype)], dim=-2) for w, s in zip(state.weights, state.momentum)]
+    stacked = [s.flatten(0, 1) for s in stacked]
     if T == 0:
         y = q.new_zeros(B, H, 0, v.shape[-1])
     else:
@@ -128,8 +128,10 @@ def memory_scan(
         else:
             y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, stacked, saved=None)
         y = y.reshape(B, H, N * C, -1)[:, :, :T]
-    halves = [(s[:, : w.shape[-2]].unflatten(0, (B, H)), s[:, w.shape[-2] :].unflatten(0, (B, H))) for s, w in zip(stacked, state.weights)]
-    return y.to(out_dtype), MemoryState(tuple(w for w, _ in halves), tuple(s for _, s in halves))
+    stacked = [s.unflatten(0, (B, H)) for s in stacked]
+    weights = tuple(s[:, :, : w.shape[-2]] for s, w in zip(stacked, state.weights))
+    momentum = tuple(s[:, :, w.shape[-2] :] for s, w in zip(stacked, state.weights))
+    return y.to(out_dtype), MemoryState(weights, momentum)
 
 
 def _paired(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,8 @@ class NeuralMemory(nn.Module):
 
         p = cache.pending[0].shape[2]
         if p:  # the pending tokens re-enter the scan; their outputs were already returned
-            k, v, theta, eta, alpha = (torch.cat([old, new], dim=2) for old, new in zip(cache.pending, (k, v, theta, eta, alpha)))
+            new = (k, v, theta, eta, alpha)
+            k, v, theta, eta, alpha = (torch.cat([old, t], dim=2) for old, t in zip(cache.pending, new))
             q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)
         boundary = (p + T) // self.chunk_size * self.chunk_size
         y, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
