@@ -7,8 +7,8 @@ Memory variants run eager and with `memory.compile_scan` (torch.compile of each 
 warm-up round). The peer (pip install -r requirements-bench.txt) is built at matched size: dim 256, depth 4,
 heads 4 x 64, segment 128, 4 persistent tokens, 16 long-term memory tokens per segment, 4 residual streams, neural
 memory (depth-2 MLP, expansion 4) in layers 2 and 4, twice: with its defaults (memory chunk = segment + long-term
-tokens = 144, every inner gradient of a chunk taken at the chunk's start... of the whole call: batch_size=None)
-and matched to what ours computes (memory chunk 16 with the paper's rule, batch_size = chunk). Our Titans variants
+tokens = 144; batch_size=None, every inner gradient taken at the weights the call started from) and matched to what
+ours computes (memory chunk 16 with the paper's rule, batch_size = chunk). Our Titans variants
 use the same width, depth, window and memory; memory-free layers are SWA. All runs alternate round by round.
 """
 
