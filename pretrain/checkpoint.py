@@ -71,15 +71,20 @@ def read_job(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {tag_dir / JOB_FILE}: {e}") from None
 
 
+# Model keys that choose how the same function is computed, not which function: they may differ on resume (and be
+# absent from checkpoints written before they existed).
+EXECUTION_KEYS = ("model.memory.compile_scan",)
+
+
 def check_compatible(saved: dict[str, Any], config: JobConfig) -> list[str]:
     """Refuse a checkpoint of another model (lists every differing model key); return the other changed settings
-    (optimizer, schedule, ...: allowed, to be logged)."""
+    (optimizer, schedule, EXECUTION_KEYS, ...: allowed, to be logged)."""
     current = to_mapping(config)
-    model_diff = _diff(saved.get("model", {}), current["model"], "model.")
+    diffs = [d for section in current for d in _diff(saved.get(section, {}), current[section], f"{section}.")]
+    model_diff = [d for d in diffs if d.startswith("model.") and d.split(":", 1)[0] not in EXECUTION_KEYS]
     if model_diff:
         raise CheckpointError("checkpoint was trained with a different model config: " + "; ".join(model_diff))
-    return [d for section in current if section != "model"
-            for d in _diff(saved.get(section, {}), current[section], f"{section}.")]
+    return [d for d in diffs if d not in model_diff]
 
 
 def _diff(old: Any, new: Any, prefix: str) -> list[str]:

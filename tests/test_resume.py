@@ -138,6 +138,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                   timeout=300)
 
 
+def test_compile_scan_may_change_on_resume_but_the_model_may_not():
+    """compile_scan computes the same function: switching it (or a checkpoint from before the key existed) is a
+    logged change; any real model difference is still refused, named."""
+    from pretrain.config import JobConfig
+    from titans_parallel.typed_config import to_mapping
+
+    config = JobConfig()
+    saved = to_mapping(config)
+    del saved["model"]["memory"]["compile_scan"]
+    saved["optimizer"]["lr"] = 2 * config.optimizer.lr
+    changes = checkpoint.check_compatible(saved, config)
+    assert any(c.startswith("model.memory.compile_scan: None -> False") for c in changes)
+    assert any(c.startswith("optimizer.lr:") for c in changes)
+    saved["model"]["memory"]["compile_scan"] = True
+    assert any(c.startswith("model.memory.compile_scan: True -> False") for c in checkpoint.check_compatible(saved, config))
+    saved["model"]["memory"]["depth"] = config.model.memory.depth + 1
+    with pytest.raises(checkpoint.CheckpointError, match=r"different model config: model\.memory\.depth"):
+        checkpoint.check_compatible(saved, config)
+
+
 def test_missing_or_truncated_rank_state_names_the_file(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="rank1.pt is missing"):
         checkpoint.load_rank_state(tmp_path, 1)
