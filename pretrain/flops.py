@@ -13,6 +13,8 @@ What is counted, per token:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from titans_parallel.config import ModelConfig
@@ -45,13 +47,37 @@ def flops_per_token(config: ModelConfig, n_params_dense: int, seq_len: int) -> f
     return flops
 
 
-def dense_parameter_count(model: torch.nn.Module) -> int:
-    """Parameters used in matmuls (see the module docstring), counting a tied LM head once more."""
+def _shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape on this rank, also under ZeRO-3 (which leaves an empty tensor and keeps the shape
+    in `ds_shape`)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int  # every parameter of the model (all TP shards together)
+    dense: int  # used in matmuls, as in the module docstring (what the 6 x N term counts)
+    embedding: int  # the token embedding table
+
+
+def parameter_counts(model: torch.nn.Module, tp_size: int = 1) -> ParameterCounts:
+    """Counts of the whole model from one rank: a TP-sharded parameter (`tensor_model_parallel`) counts tp_size
+    times, a replicated one once; ZeRO-3 partitioning does not change them."""
+    def size(param: torch.Tensor) -> int:
+        return _shape(param).numel() * (tp_size if getattr(param, "tensor_model_parallel", False) else 1)
+
     skip = ("tok_embeddings", "norm", "initial_weights", "persistent")
-    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not any(s in name for s in skip))
+    params = list(model.named_parameters())
+    dense = sum(size(p) for name, p in params if len(_shape(p)) >= 2 and not any(s in name for s in skip))
+    embedding = size(model.tok_embeddings.weight)
     if model.config.tie_embeddings:
-        n += model.tok_embeddings.weight.numel()
-    return n
+        dense += embedding
+    return ParameterCounts(total=sum(size(p) for _, p in params), dense=dense, embedding=embedding)
+
+
+def dense_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters used in matmuls on this rank (see the module docstring), counting a tied LM head once more."""
+    return parameter_counts(model).dense
 
 
 def device_peak_flops(precision: str, override_tflops: float | None) -> float | None:
