@@ -2,25 +2,51 @@
 derived from it (`deepspeed_config`), never kept by hand.
 
 A recipe names its model either inline (`model: {...}`) or as `model_file: configs/model/x.yaml` plus optional
-`model:` keys that override that file.
+`model:` keys that override that file (deep-merged: `model.memory.compile_scan=true` keeps the file's other
+`memory` keys). Values are checked when loaded; every error is one `ConfigError` line naming the key. Entry points
+run under `run_cli(main)`, which prints that line instead of a traceback (exit status 2).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from titans_parallel.config import ModelConfig
-from titans_parallel.typed_config import ConfigError, apply_override, from_mapping
+from titans_parallel.typed_config import (
+    ConfigError,
+    apply_override,
+    check,
+    deep_merge,
+    from_mapping,
+    load_yaml,
+    run_cli,
+)
+
+__all__ = ["ConfigError", "JobConfig", "deepspeed_config", "load_job_config", "run_cli"]
+
+
+def _at_least(section: object, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        check(value >= minimum, name, f"must be >= {minimum}, got {value}")
+
+
+def _positive(key: str, value: float | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    check(math.isfinite(value) and value > 0, key, f"must be > 0 (and finite), got {value}")
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (heads split across ranks); data parallel = world_size / tp
     sequence_parallel: bool = False  # Megatron sequence parallel inside the TP group
+
+    def __post_init__(self):
+        _at_least(self, 1, "tp")
 
 
 @dataclass
@@ -30,18 +56,32 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 2048
     on_corrupt: Literal["raise", "skip"] = "raise"
-    verify_sha256: bool = False
+    verify_sha256: bool = True  # each shard once per loader process (cached by size + mtime); see data.loader
+
+    def __post_init__(self):
+        _at_least(self, 1, "seq_len", "shuffle_buffer")
+        _at_least(self, 0, "num_workers")
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW; no weight decay on norms, biases, memory gate biases, W_0, persistent tokens (any tensor < 2-D)."""
+    """AdamW; weight decay on weight matrices only, by role (pretrain.optim.parameter_role): none on norm gains
+    (NeuralMemory's [H, d] out_norm_weight included), biases (memory gate biases included), the memory's W_0
+    and persistent tokens."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+    def __post_init__(self):
+        _positive("lr", self.lr)
+        _positive("eps", self.eps)
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
+        check(all(0 <= b < 1 for b in self.betas), "betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -50,6 +90,10 @@ class ScheduleConfig:
 
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        _at_least(self, 0, "warmup_steps")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -63,12 +107,19 @@ class TrainConfig:
     eval_every: int = 100  # 0: never
     eval_batches: int = 4
 
+    def __post_init__(self):
+        _at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "eval_batches")
+        _at_least(self, 0, "eval_every")
+
 
 @dataclass
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every: int = 100  # steps; 0: only at the end
-    keep: int = 2
+    keep: int = 2  # 0: keep all
+
+    def __post_init__(self):
+        _at_least(self, 0, "every", "keep")
 
 
 @dataclass
@@ -78,6 +129,10 @@ class LoggingConfig:
     metrics_file: str | None = "runs/default/metrics.jsonl"  # one JSON line per step (rank 0), appended on resume
     progress: bool = True
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs by name, no MFU on CPU
+
+    def __post_init__(self):
+        _at_least(self, 1, "every")
+        _positive("peak_tflops", self.peak_tflops, optional=True)
 
 
 @dataclass
@@ -98,9 +153,6 @@ class JobConfig:
             raise ValueError(f"parallel.tp={self.parallel.tp} does not divide model.vocab_size={self.model.vocab_size}")
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
             raise ValueError(f"sequence parallel needs data.seq_len={self.data.seq_len} divisible by tp={self.parallel.tp}")
-        for name in ("steps", "micro_batch_size", "grad_accum"):
-            if getattr(self.train, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1")
 
 
 def load_job_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -111,7 +163,7 @@ def load_job_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for override in overrides:
@@ -122,9 +174,10 @@ def load_job_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise ConfigError(f"{path}: model_file {model_file} not found")
-        base = yaml.safe_load(found.read_text()) or {}
-        base.update(data.get("model") or {})
-        data["model"] = base
+        base = load_yaml(found.read_text()) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{found}: top level must be a mapping")
+        data["model"] = deep_merge(base, data.get("model") or {})
     try:
         return from_mapping(JobConfig, data)
     except ConfigError as e:

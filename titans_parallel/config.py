@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .typed_config import load_config, to_mapping
+from .typed_config import check, load_config, to_mapping
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 LAYER_KINDS = ("mac", "mag", "mal", "lmm", "attn", "swa")
@@ -28,8 +28,8 @@ class MemoryConfig:
 
     def __post_init__(self):
         for name in ("depth", "expansion", "chunk_size", "conv_kernel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.theta_max >= 0, "theta_max", f"must be >= 0, got {self.theta_max}")
 
 
 @dataclass
@@ -60,6 +60,11 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ("dim", "n_heads", "head_dim", "ffn_hidden", "window"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        for name in ("norm_eps", "rope_base", "init_std"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         if self.dim % self.n_heads and self.head_dim is None:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
         if self.head_dim is None:
@@ -73,8 +78,6 @@ class ModelConfig:
         for kind in self.layer_pattern:
             if kind not in LAYER_KINDS:
                 raise ValueError(f"layer_pattern entry {kind!r} is not one of {LAYER_KINDS}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
         if "mac" in self.layer_pattern and self.window % self.memory.chunk_size:
             raise ValueError(
                 f"MAC segment (window={self.window}) must be a multiple of memory.chunk_size={self.memory.chunk_size}"

@@ -7,6 +7,7 @@ A file named like `340m.yaml` is checked against its name: the count must lie wi
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 
 from .config import ModelConfig
 from .model import TitansLM
+from .typed_config import run_cli
+
+PROG = "python -m titans_parallel.summary"
 
 
 def count_parameters(config: ModelConfig) -> tuple[int, int]:
@@ -24,12 +28,18 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
     return model.num_parameters(), model.num_parameters(exclude_embeddings=True)
 
 
-def main(argv: list[str]) -> int:
-    paths = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[-1].strip(),
+    )
+    p.add_argument("items", nargs="+", metavar="CONFIG|key=value", help="model YAML files and overrides for all")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    paths = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
     if not paths:
-        print(__doc__)
-        return 2
+        p.error("give at least one model config file")
     failed = False
     for path in paths:
         config = ModelConfig.from_yaml(path, overrides)
@@ -47,4 +57,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_cli(main, prog=PROG)
