@@ -3,22 +3,45 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from pretrain.config import JobConfig
 
-NO_DECAY_NAMES = ("initial_weights", "persistent")  # memory W_0 and persistent tokens are states, not weights
+# A parameter's role, from its dotted name (first match wins); only "weight" is decayed. By name, not by dim():
+# NeuralMemory's output-norm gain `out_norm_weight` is [H, d], 2-D but a norm.
+ROLES = (
+    ("norm", re.compile(r"(^|[._])norm([._]weight)?$|_norm_weight$")),  # RMSNorm gains: *norm.weight, out_norm_weight
+    ("bias", re.compile(r"(^|[._])bias$")),  # linear biases, memory gate biases
+    ("memory_state", re.compile(r"(^|\.)initial_weights(\.\d+)?$")),  # the memory's W_0: a state it starts from
+    ("persistent", re.compile(r"(^|\.)persistent\.tokens$")),  # persistent memory tokens: learned inputs
+)
+NO_DECAY_ROLES = frozenset(role for role, _ in ROLES)
+
+
+def parameter_role(name: str) -> str:
+    """"norm", "bias", "memory_state", "persistent" (no weight decay) or "weight" (decayed: projection and embedding
+    matrices, the memory's conv kernel)."""
+    return next((role for role, pattern in ROLES if pattern.search(name)), "weight")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; not norms, biases (memory gate biases included), W_0 or persistent tokens."""
+    """[decayed weights, the rest at weight decay 0] by `parameter_role`, each in `named_parameters` order.
+
+    A tensor of fewer than 2 dims that no role names is an error: decide its role here rather than let its shape
+    decide.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or any(n in name for n in NO_DECAY_NAMES) else decay).append(p)
+        role = parameter_role(name)
+        if role == "weight" and p.dim() < 2:
+            raise ValueError(f"parameter {name} {list(p.shape)}: no weight-decay role (norm, bias, ...) matches its "
+                             "name; add it to pretrain.optim.ROLES")
+        (no_decay if role in NO_DECAY_ROLES else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
