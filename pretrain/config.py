@@ -106,10 +106,12 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100  # 0: never
     eval_batches: int = 4
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss/grad norm: stop (exit 1) or skip that update
+    max_skipped_steps: int = 10  # on_nonfinite=skip: stop at the first bad step beyond this many skipped ones
 
     def __post_init__(self):
         _at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "eval_batches")
-        _at_least(self, 0, "eval_every")
+        _at_least(self, 0, "eval_every", "max_skipped_steps")
 
 
 @dataclass
