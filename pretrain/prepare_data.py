@@ -1,11 +1,12 @@
 """Prepare a pretraining dataset from raw text into token shards.
 
     python -m pretrain.prepare_data --input PATH... --out DIR --vocab-size N --seq-len T [--tokenizer MODEL]
-        [--val-fraction F] [--text-field text] [--workers N] [--shard-mb MB]
+        [--val-fraction F] [--text-field text] [--workers N] [--shard-mb MB] [--force]
 
 Reads txt / jsonl(.gz) / parquet files, globs or directories, trains (or takes) a sentencepiece tokenizer,
 and writes packed webdataset shards with a manifest; see ``pretrain.data.prepare`` for the split rule and
-``pretrain.data.shards`` for the output layout.
+``pretrain.data.shards`` for the output layout. The dataset is built beside --out and moved into place when
+complete: an existing --out is refused unless --force, and a failed run leaves it as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--shard-mb", type=float, default=64.0, help="approximate shard size in MiB (default 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (once the new build is complete)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             shard_mb=args.shard_mb,
             progress=not args.no_progress,
+            overwrite=args.force,
         )
     except (OSError, ValueError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)

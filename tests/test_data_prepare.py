@@ -221,10 +221,125 @@ def test_clear_errors(tmp_path, prepared, setup, match):
         )
 
 
-def test_val_fraction_selecting_nothing_is_an_error(tmp_path, texts):
+def test_small_corpus_still_gets_one_validation_document(tmp_path, texts, prepared):
+    """Fewer documents than 1 / val_fraction: the last one is the validation split (floor(N * f) would pick none)."""
     src = write_jsonl(tmp_path / "d.jsonl", texts[:3])
-    with pytest.raises(ValueError, match="val_fraction=0.1 selects no document of 3"):
-        prepare_dataset([src], tmp_path / "out", seq_len=15, vocab_size=VOCAB, val_fraction=0.1, progress=False)
+    out = prepare_dataset(
+        [src], tmp_path / "out", seq_len=15, tokenizer=prepared / "tokenizer.model", val_fraction=0.1, progress=False
+    )
+    splits = read_manifest(out)["splits"]
+    assert splits["val"]["documents"] == 1 and splits["train"]["documents"] == 2
+    loader = build_loader(out, split="val", batch_size=4, dp_rank=0, dp_size=1, shuffle=False, epochs=1)
+    streamed = [t for batch in loader for t in batch.flatten().tolist()]
+    assert streamed == reference_stream(out / "tokenizer.model", texts[2:3])[: splits["val"]["tokens"]]
+
+
+def test_one_document_with_a_validation_fraction_fails_before_any_work(tmp_path, texts, monkeypatch):
+    import pretrain.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained"))
+    src = write_jsonl(tmp_path / "d.jsonl", texts[:1])
+    with pytest.raises(ValueError, match=r"1 document: too few for a validation split \(val_fraction=0.01\)"):
+        prepare_dataset([src], tmp_path / "out", seq_len=15, vocab_size=VOCAB, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+# An existing --out: refused unless asked; replaced only by a complete build.
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_failed_rebuild_leaves_the_existing_dataset_intact(tmp_path, texts):
+    good = write_jsonl(tmp_path / "good.jsonl", texts)
+    options = dict(seq_len=31, vocab_size=VOCAB, val_fraction=0.0, progress=False)
+    out = prepare_dataset([good], tmp_path / "out", **options)
+    before = _snapshot(out)
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"text": texts[0]}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: bad JSON line"):
+        prepare_dataset([good, bad], out, overwrite=True, **options)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out"]  # no staging left
+    batch = next(iter(build_loader(out, batch_size=2, dp_rank=0, dp_size=1, seq_len=31, vocab_size=VOCAB)))
+    assert batch.shape == (2, 32)
+
+    more = write_jsonl(tmp_path / "more.jsonl", texts[:5])
+    rebuilt = prepare_dataset([good, more], out, overwrite=True, **options)  # a complete build replaces it
+    assert rebuilt == out and read_manifest(out)["splits"]["train"]["documents"] == len(texts) + 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "more.jsonl", "out"]
+
+
+def test_existing_out_is_refused_before_any_work(tmp_path, texts, monkeypatch, capsys):
+    import pretrain.data.prepare as prepare
+
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained"))
+    with pytest.raises(FileExistsError, match=r"out already exists.*overwrite=True"):
+        prepare_dataset([src], tmp_path / "out", seq_len=15, vocab_size=VOCAB, progress=False)
+    argv = ["--input", str(src), "--out", str(tmp_path / "out"), "--vocab-size", str(VOCAB), "--seq-len", "15"]
+    assert main(argv + ["--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    monkeypatch.undo()
+    assert main(argv + ["--no-progress", "--force", "--val-fraction", "0"]) == 0
+    assert not (tmp_path / "out" / "keep.txt").exists() and read_manifest(tmp_path / "out")["seq_len"] == 15
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is not a dataset to protect
+    prepare_dataset([src], empty, seq_len=15, vocab_size=VOCAB, val_fraction=0.0, progress=False)
+
+
+def test_failure_leaves_no_folder_behind(tmp_path, texts, prepared):
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"text": texts[0]}) + "\n{not json\n")
+    with pytest.raises(ValueError, match="bad JSON line"):
+        prepare_dataset(
+            [bad], tmp_path / "a" / "b" / "out", seq_len=15, tokenizer=prepared / "tokenizer.model", progress=False
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+# Error messages: one line, naming the cause.
+
+
+def test_vocabulary_too_large_for_the_corpus_says_so(tmp_path, texts):
+    src = write_jsonl(tmp_path / "d.jsonl", texts[:2])
+    with pytest.raises(ValueError) as info:
+        prepare_dataset([src], tmp_path / "out", seq_len=15, vocab_size=50_000, val_fraction=0.0, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "INTERNAL" not in message and "At:" not in message
+    assert "vocab_size=50000 is too large for this corpus" in message and "--vocab-size" in message
+    limit = int(message.split("<= ")[1].split(")")[0].split(" ")[0])
+    assert 256 < limit < 50_000  # sentencepiece's own bound, passed on
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_too_small_and_the_cli_line(tmp_path, texts, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", texts[:2])
+    argv = ["--input", str(src), "--out", str(tmp_path / "out"), "--seq-len", "15", "--val-fraction", "0"]
+    assert main([*argv, "--vocab-size", "100", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vocab_size=100 is too small" in err and "--vocab-size >= " in err
+    assert main([*argv, "--vocab-size", "50000", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too large for this corpus" in err and not (tmp_path / "out").exists()
+
+
+def test_input_error_during_tokenizer_training_is_the_input_error(tmp_path, texts):
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"text": texts[0]}) + "\n" + json.dumps({"text": texts[1]}) + "\n[")
+    with pytest.raises(ValueError) as info:
+        prepare_dataset([bad], tmp_path / "out", seq_len=15, vocab_size=VOCAB, val_fraction=0.0, progress=False)
+    assert str(info.value).startswith(f"{bad}:3: bad JSON line") and "INTERNAL" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.jsonl.gz", "x.txt"])
+def test_utf8_error_names_the_file_and_line(tmp_path, name):
+    good = (json.dumps({"text": "fine"}) + "\n").encode() if "jsonl" in name else b"fine\n"
+    raw = good * 2 + b'{"text": "caf\xe9"}\n' + good
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(ValueError, match=rf"{name}:3: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+        list(read_documents([path]))
 
 
 def _write(path: Path, text: str) -> Path:

@@ -2,7 +2,7 @@
 
 ``prepare_default_dataset()`` builds token shards from it once and returns the existing ones while their
 manifest still matches the request (same corpus bytes, vocab_size, seq_len, val_fraction, intact files).
-A lock file serialises concurrent callers on one filesystem; on a multi-node job without a shared lock,
+A lock file beside it (``.<name>.lock``) serialises concurrent callers on one filesystem; on a multi-node job without a shared lock,
 call it on one rank and barrier.
 """
 
@@ -36,8 +36,8 @@ def prepare_default_dataset(
 ) -> Path:
     """Shards of the embedded corpus in ``out_dir`` (default ``default_dataset_dir(vocab_size, seq_len)``)."""
     out = Path(out_dir) if out_dir is not None else default_dataset_dir(vocab_size, seq_len)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # beside: `out` itself is replaced by a rebuild
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_current(out, vocab_size=vocab_size, seq_len=seq_len, val_fraction=val_fraction):
             prepare_dataset(
@@ -48,6 +48,7 @@ def prepare_default_dataset(
                 val_fraction=val_fraction,
                 workers=workers,
                 progress=progress,
+                overwrite=True,
             )
     return out
 
