@@ -102,23 +102,30 @@ def read_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[
                 yield doc
 
 
-def _open_text(path: Path):
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", newline="")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _decode(data: bytes, where: Path | str, first_line: int = 1) -> str:
+    """``data`` as UTF-8; an error names the file, line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{where}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
 
 
 def _read_text(path: Path, text_field: str) -> Iterator[Document]:
-    try:
-        with _open_text(path) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
+    with _open_bytes(path) as f:
+        text = _decode(f.read(), path)
     yield Document(text, str(path))
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(_lines(f, path), start=1):
+    with _open_bytes(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -132,13 +139,6 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise ValueError(f"{where}: text field {text_field!r} is {type(text).__name__}, not a string")
             yield Document(text, where)
-
-
-def _lines(f, path: Path) -> Iterator[str]:
-    try:
-        yield from f
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:

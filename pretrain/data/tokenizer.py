@@ -11,6 +11,7 @@ import io
 import itertools
 import multiprocessing as mp
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,27 +49,55 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, vocab_siz
     """Train a BPE model on ``texts`` and write it to ``out_path``; returns the path."""
     out_path = Path(out_path)
     buf = io.BytesIO()
+    failures: list[BaseException] = []  # an error of `texts` itself (a bad input line), re-raised as it was
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_pieces(texts),
+            sentence_iterator=_training_pieces(texts, failures),
             model_writer=buf,
             vocab_size=vocab_size,
             num_threads=max(1, num_threads),
             **TRAINER_OPTIONS,
         )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}): {e}") from e
+        if failures:
+            raise failures[0] from None
+        raise ValueError(training_error(str(e), vocab_size)) from None
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out_path)
     return out_path
 
 
-def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
-    for text in texts:
-        for line in text.split("\n"):
-            for start in range(0, len(line), TRAIN_PIECE_CHARS):
-                yield line[start : start + TRAIN_PIECE_CHARS]
+def training_error(message: str, vocab_size: int) -> str:
+    """A one-line account of a sentencepiece training failure (its own message is C++ source locations and a
+    Python stack), with what to do for the common one: a vocabulary larger than the corpus can fill."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return (
+            f"vocab_size={vocab_size} is too large for this corpus: sentencepiece can make at most "
+            f"{too_high.group(2)} pieces from the training documents; give a smaller --vocab-size "
+            f"(<= {too_high.group(2)}) or more text"
+        )
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (
+            f"vocab_size={vocab_size} is too small: this corpus needs at least {too_low.group(2)} pieces (the "
+            f"special and byte-fallback pieces and its characters); give --vocab-size >= {too_low.group(2)}"
+        )
+    message = message.split("\n\nAt:")[0]
+    message = re.sub(r"^\w+: (src/\S+\(\d+\) )?(\[.*?\] )?", "", message.strip())
+    return f"sentencepiece training failed (vocab_size={vocab_size}): {' '.join(message.split())}"
+
+
+def _training_pieces(texts: Iterable[str], failures: list[BaseException]) -> Iterator[str]:
+    try:
+        for text in texts:
+            for line in text.split("\n"):
+                for start in range(0, len(line), TRAIN_PIECE_CHARS):
+                    yield line[start : start + TRAIN_PIECE_CHARS]
+    except Exception as e:
+        failures.append(e)
+        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
