@@ -40,11 +40,13 @@ def test_forward_matches_token_loop(depth, chunk_size, retrieve):
     assert max_state_diff(new_state, ref_state) <= 1e-10
 
 
-def loss_and_grads(scan, inputs, state, chunk_size, retrieve, activation="silu"):
+def loss_and_grads(scan, inputs, state, chunk_size, retrieve, activation="silu", **options):
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
     w = tuple(t.clone().requires_grad_() for t in state.weights)
     s = tuple(t.clone().requires_grad_() for t in state.momentum)
-    y, out_state = scan(**leaves, state=MemoryState(w, s), chunk_size=chunk_size, retrieve=retrieve, activation=activation)
+    y, out_state = scan(
+        **leaves, state=MemoryState(w, s), chunk_size=chunk_size, retrieve=retrieve, activation=activation, **options
+    )
     g = torch.Generator().manual_seed(1)
     loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
     loss = loss + sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in out_state.weights + out_state.momentum)
@@ -61,6 +63,59 @@ def test_gradients_match_token_loop(depth, chunk_size, retrieve):
     for name in ref:
         scale = ref[name].abs().max().item() + 1.0
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * scale, name
+
+
+STABILISERS = [dict(polyak_step=True), dict(momentum_ema=True), dict(polyak_step=True, momentum_ema=True)]
+
+
+@pytest.mark.parametrize("options", STABILISERS)
+@pytest.mark.parametrize("retrieve", ["inclusive", "exclusive", "chunk"])
+@pytest.mark.parametrize("depth,chunk_size", [(1, 1), (1, 3), (2, 4), (3, 16)])
+def test_stabilisers_match_token_loop(depth, chunk_size, retrieve, options):
+    """Outputs, end state and every gradient of the stabilised rule (the Polyak factor differentiated through)
+    equal the token loop's, with a padded last chunk (T=19)."""
+    inputs, state = make_inputs(T=19, depth=depth, seed=10)
+    y, end = memory_scan(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve, **options)
+    y_ref, end_ref = memory_scan_reference(**inputs, state=state, chunk_size=chunk_size, retrieve=retrieve, **options)
+    assert (y - y_ref).abs().max().item() <= 1e-10
+    assert max_state_diff(end, end_ref) <= 1e-10
+    ours = loss_and_grads(memory_scan, inputs, state, chunk_size, retrieve, **options)
+    ref = loss_and_grads(memory_scan_reference, inputs, state, chunk_size, retrieve, **options)
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1.0
+        assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * scale, name
+
+
+@pytest.mark.parametrize("options", STABILISERS)
+def test_stabilisers_change_the_rule(options):
+    """Each option computes something else than the paper's rule (so the tests above compare a real change)."""
+    inputs, state = make_inputs(T=19, depth=2, seed=10)
+    y, _ = memory_scan(**inputs, state=state, chunk_size=4)
+    y_opt, _ = memory_scan(**inputs, state=state, chunk_size=4, **options)
+    assert (y - y_opt).abs().max().item() > 1e-3
+
+
+def test_polyak_step_is_the_delta_rule_for_a_linear_memory():
+    """Depth 1, unit keys, theta 1, no momentum or forgetting, chunk 1: one step stores v exactly (W k = v)."""
+    inputs, state = make_inputs(T=1, depth=1, seed=11, momentum_scale=0.0)
+    ones, zeros = torch.ones_like(inputs["theta"]), torch.zeros_like(inputs["theta"])
+    inputs = {**inputs, "theta": ones, "eta": zeros, "alpha": zeros, "q": inputs["k"]}
+    y, _ = memory_scan(**inputs, state=state, chunk_size=1, polyak_step=True)
+    rho = 1e-2  # state.POLYAK_CURVATURE_FLOOR: the step is 1 / (1 + rho) of the full correction
+    expected = inputs["k"] @ state.weights[0] + (inputs["v"] - inputs["k"] @ state.weights[0]) / (1 + rho)
+    assert (y - expected).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("options", STABILISERS)
+def test_stabilised_explicit_backward_matches_autograd(options):
+    inputs, state = make_inputs(T=45, depth=2, seed=12)
+    explicit = loss_and_grads(memory_scan, inputs, state, 8, "inclusive", **options)
+    autograd = loss_and_grads(
+        lambda **kw: memory_scan(**kw, backward="autograd"), inputs, state, 8, "inclusive", **options
+    )
+    for name in autograd:
+        scale = autograd[name].abs().max().item() + 1.0
+        assert (explicit[name] - autograd[name]).abs().max().item() <= 1e-10 * scale, name
 
 
 def test_gelu_activation_matches_token_loop():
@@ -169,18 +224,20 @@ def test_only_some_outputs_used():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("retrieve", ["inclusive", "chunk"])
-def test_compiled_chunk_steps_match_token_loop(retrieve):
+@pytest.mark.parametrize(
+    "retrieve,options", [("inclusive", {}), ("chunk", {}), ("inclusive", dict(polyak_step=True, momentum_ema=True))]
+)
+def test_compiled_chunk_steps_match_token_loop(retrieve, options):
     """compile=True (torch.compile of each full chunk's forward and backward step) computes the same function:
     outputs, end state and every gradient against the token loop, with a padded last chunk (T=21, C=8)."""
     inputs, state = make_inputs(T=21, depth=2, seed=9)
     compiled = lambda **kw: memory_scan(**kw, compile=True)  # noqa: E731
-    y, end = compiled(**inputs, state=state, chunk_size=8, retrieve=retrieve)
-    y_ref, end_ref = memory_scan_reference(**inputs, state=state, chunk_size=8, retrieve=retrieve)
+    y, end = compiled(**inputs, state=state, chunk_size=8, retrieve=retrieve, **options)
+    y_ref, end_ref = memory_scan_reference(**inputs, state=state, chunk_size=8, retrieve=retrieve, **options)
     assert (y - y_ref).abs().max().item() <= 1e-10
     assert max_state_diff(end, end_ref) <= 1e-10
-    ours = loss_and_grads(compiled, inputs, state, 8, retrieve)
-    ref = loss_and_grads(memory_scan_reference, inputs, state, 8, retrieve)
+    ours = loss_and_grads(compiled, inputs, state, 8, retrieve, **options)
+    ref = loss_and_grads(memory_scan_reference, inputs, state, 8, retrieve, **options)
     for name in ref:
         scale = ref[name].abs().max().item() + 1.0
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * scale, name

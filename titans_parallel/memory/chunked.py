@@ -25,7 +25,17 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .state import ACTIVATIONS, GATE_EPS, Activation, MemoryState, check_scan_args
+from .state import (
+    ACTIVATIONS,
+    GATE_EPS,
+    POLYAK_CURVATURE_FLOOR,
+    POLYAK_EPS,
+    Activation,
+    MemoryState,
+    check_scan_args,
+    effective_theta,
+    polyak_scale,
+)
 
 BACKWARD_MODES = ("explicit", "autograd")
 
@@ -90,6 +100,8 @@ def memory_scan(
     activation: str = "silu",
     backward: str = "explicit",
     compile: bool = False,
+    polyak_step: bool = False,
+    momentum_ema: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Run the neural memory over a sequence; returns (y [B, H, T, d_out] in q's dtype, state at the end).
 
@@ -99,6 +111,9 @@ def memory_scan(
     inputs). Differentiable in every input and in the state; `backward="autograd"` is twice differentiable.
     No per-token weights are ever materialised. `compile`: run the steps of full chunks (forward and explicit
     backward) through torch.compile, fusing their elementwise work; each new shape compiles once (~10 s on CPU).
+    Stabilisers (docs/memory.md; both off = the paper's rule): `momentum_ema` scales theta_t by (1 - eta_t);
+    `polyak_step` scales token t's step by `state.polyak_scale` of its loss and gradient at the chunk-start state
+    (a per-token factor of the mixing and update coefficients, computed inside each chunk step).
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     if backward not in BACKWARD_MODES:
@@ -121,12 +136,14 @@ def memory_scan(
                 x = torch.cat([x, x.new_full((x.shape[0], N * C - T, *x.shape[2:]), fill)], dim=1)
             return x.view(B * H, N, C, *x.shape[2:])
 
+        theta = effective_theta(theta.to(dtype), eta.to(dtype).clamp(GATE_EPS, 1.0), momentum_ema)
         coef = ChunkCoefficients.from_gates(chunks(theta, 0.0), chunks(eta, 1.0), chunks(alpha, 0.0), (T - 1) % C, retrieve)
         inputs = (chunks(k, 0.0), chunks(v, 0.0), chunks(q, 0.0), *coef)
         if backward == "explicit":
-            y, *stacked = _ChunkLoop.apply(activation, retrieve, compile and C == chunk_size, *inputs, *stacked)
+            compiled = compile and C == chunk_size
+            y, *stacked = _ChunkLoop.apply(activation, retrieve, polyak_step, compiled, *inputs, *stacked)
         else:
-            y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, stacked, saved=None)
+            y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, polyak_step, inputs, stacked, saved=None)
         y = y.reshape(B, H, N * C, -1)[:, :, :T]
     stacked = [s.unflatten(0, (B, H)) for s in stacked]
     weights = tuple(s[:, :, : w.shape[-2]] for s, w in zip(stacked, state.weights))
@@ -155,10 +172,11 @@ class _Intermediates(NamedTuple):
     xs: list  # X_l: the queries' activations entering each layer
     zqs: list  # the queries' pre-activations, l < L
     scores: list  # X_l A_{l-1}^T
+    scale: torch.Tensor | None  # the Polyak factors c [BH, C] (polyak_step), else None
 
 
 def _forward_chunks(
-    act: Activation, retrieve: str, inputs: tuple, states: list, saved: list | None, step=None
+    act: Activation, retrieve: str, polyak: bool, inputs: tuple, states: list, saved: list | None, step=None
 ) -> tuple[torch.Tensor, list]:
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
     [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given. `step` replaces
@@ -166,7 +184,7 @@ def _forward_chunks(
     step = step or _chunk_forward
     outputs = []
     for chunk in zip(*(t.unbind(1) for t in inputs)):
-        z, new_states, kept = step(act, retrieve, states, *chunk)
+        z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
         outputs.append(z)
         if saved is not None:
             saved.append(kept)
@@ -174,8 +192,10 @@ def _forward_chunks(
     return torch.stack(outputs, dim=1), states
 
 
-def _chunk_forward(act: Activation, retrieve: str, states: list, k, v, q, bf, G, decay, carry, gm):
-    """One chunk step: (outputs z [BH, C, d_out], chunk-end states, the `_Intermediates` of its backward)."""
+def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k, v, q, bf, G, decay, carry, gm):
+    """One chunk step: (outputs z [BH, C, d_out], chunk-end states, the `_Intermediates` of its backward).
+    With `polyak`, token i's inner gradient A_{l-1,i}^T Delta_{l,i} (rank one, so |.|^2 = |A|^2 |Delta|^2) sets
+    its factor c_i, which scales column i of G and row i of the update coefficients."""
     L = len(states)
     weights = [_top(s) for s in states]
     acts, pres, backs = [k], [], []
@@ -186,6 +206,10 @@ def _chunk_forward(act: Activation, retrieve: str, states: list, k, v, q, bf, G,
     for layer in range(L - 1, 0, -1):
         backs.insert(0, deltas[0] @ weights[layer].transpose(-1, -2))
         deltas.insert(0, backs[0] * act.grad(pres[layer - 1]))
+    scale = None
+    if polyak:
+        scale = _polyak_factors(acts, deltas)
+        G, gm = G * scale[:, None, :], gm * scale[:, :, None, None]
 
     xs, zqs, scores = [], [], []
     x = q
@@ -206,7 +230,27 @@ def _chunk_forward(act: Activation, retrieve: str, states: list, k, v, q, bf, G,
         new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
         new[:, :n].addcmul_(s[:, n:], carry)
         new_states.append(new.baddbmm_(_paired(a, gm).transpose(-1, -2), delta, alpha=-1))
-    return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores)
+    return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores, scale)
+
+
+def _polyak_factors(acts: list, deltas: list) -> torch.Tensor:
+    """c [BH, C] of each token from its loss l = |Delta_L|^2 / 4 and |grad|^2 = sum_l |A_{l-1}|^2 |Delta_l|^2."""
+    grad_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(acts, deltas))
+    return polyak_scale(deltas[-1].square().sum(-1) / 4, grad_sq)
+
+
+def _polyak_backward(s: "_Intermediates", d_scale: torch.Tensor, d_acts: list, d_deltas: list) -> None:
+    """Adds the gradient through the Polyak factors c = 2 l / D, D = |g|^2 + 4 rho l + eps, to d_acts, d_deltas."""
+    loss = s.deltas[-1].square().sum(-1) / 4
+    a_sq = [a.square().sum(-1) for a in s.acts]
+    e_sq = [d.square().sum(-1) for d in s.deltas]
+    denom = sum(a * e for a, e in zip(a_sq, e_sq)) + 4 * POLYAK_CURVATURE_FLOOR * loss + POLYAK_EPS
+    d_loss = d_scale * (2 - 4 * POLYAK_CURVATURE_FLOOR * s.scale) / denom
+    d_grad_sq = -d_scale * s.scale / denom
+    d_deltas[-1].add_(s.deltas[-1] * (d_loss / 2)[..., None])
+    for layer in range(len(s.acts)):
+        d_acts[layer].add_(s.acts[layer] * (2 * d_grad_sq * e_sq[layer])[..., None])
+        d_deltas[layer].add_(s.deltas[layer] * (2 * d_grad_sq * a_sq[layer])[..., None])
 
 
 @functools.cache
@@ -220,12 +264,13 @@ class _ChunkLoop(torch.autograd.Function):
     """`_forward_chunks` with the hand-derived backward (module docstring); both steps compiled if asked."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, compiled: bool, *tensors):
+    def forward(ctx, activation: str, retrieve: str, polyak: bool, compiled: bool, *tensors):
         inputs, states = tensors[:8], list(tensors[8:])
         saved: list[_Intermediates] = []
         step = _compiled(_chunk_forward, inputs[0].device.type) if compiled else None
-        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, inputs, states, saved, step)
+        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, polyak, inputs, states, saved, step)
         ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
+        ctx.polyak = polyak
         ctx.save_for_backward(*inputs)
         return (y, *end_states)
 
@@ -240,11 +285,11 @@ class _ChunkLoop(torch.autograd.Function):
         grads = [[] for _ in inputs]
         for n in range(len(saved) - 1, -1, -1):
             chunk = [t[:, n] for t in inputs]
-            chunk_grads, d_states = step(act, retrieve, saved[n], chunk, dy[:, n], d_states)
+            chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
         ctx.intermediates = None
-        return (None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
+        return (None, None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,13 +298,16 @@ def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tu
     return (d_paired * coef).sum(-2), (d_paired * x[..., None, :]).sum(-1, keepdim=True)
 
 
-def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: list, dy, d_ends: list):
+def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermediates, chunk: list, dy, d_ends: list):
     """Vector-Jacobian product of one chunk step.
 
     Given dy [BH, C, d_out] and the gradients of the chunk-end states, returns the
     gradients of the chunk's inputs (k, v, q, retrieval, mixing, decay, carry, update) and of the chunk-start states.
     """
     k, v, q, bf, G, decay, carry, gm = chunk
+    if polyak:  # the step used the scaled coefficients; their gradients are mapped back after the query side
+        G_raw, gm_raw = G, gm
+        G, gm = G * s.scale[:, None, :], gm * s.scale[:, :, None, None]
     L = len(s.states)
     weights = [_top(st) for st in s.states]
     # Chunk-end update: [W'; S'] = [end_b W + end_f S; end_eta S] - (g*A | m*A)^T Delta.
@@ -299,6 +347,10 @@ def _chunk_backward(act: Activation, retrieve: str, s: _Intermediates, chunk: li
             d_acts[layer].baddbmm_(d_u.transpose(-1, -2), x)
         dz = dx * act.grad(s.zqs[layer - 1]) if layer > 0 else dx
     dq = dz
+    if polyak:
+        d_scale = (d_G * G_raw).sum(-2) + (d_gm * gm_raw).sum((-2, -1))
+        d_G, d_gm = d_G * s.scale[:, None, :], d_gm * s.scale[:, :, None, None]
+        _polyak_backward(s, d_scale, d_acts, d_deltas)
 
     # Keys: first the inner backward pass Delta_l = (Delta_{l+1} W_{l+1}^T) * sigma'(Z_l), in reverse of its order.
     # Their weight gradients go to contiguous buffers first (an in-place matmul into the W half is slow).

@@ -61,7 +61,8 @@ class NeuralMemory(nn.Module):
 
     Initialisation (normal, by standard deviation): in_proj and gate_proj weights init_std, out_proj out_std, conv
     1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
-    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`).
+    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step` and
+    `momentum_ema` are the scan's stabilisers (docs/memory.md); with both off the update is the paper's rule.
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
     the sequence itself).
@@ -81,6 +82,8 @@ class NeuralMemory(nn.Module):
         activation: str = "silu",
         compile_scan: bool = False,
         norm_eps: float = 1e-6,
+        polyak_step: bool = False,
+        momentum_ema: bool = False,
         *,
         init_std: float = 0.02,
         out_std: float = 0.02,
@@ -91,6 +94,7 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
         self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
         self.full_sequence = full_sequence
+        self.polyak_step, self.momentum_ema = polyak_step, momentum_ema
         column = functools.partial(
             column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
         )
@@ -215,4 +219,5 @@ class NeuralMemory(nn.Module):
         return memory_scan(
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
             chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation, compile=self.compile_scan,
+            polyak_step=self.polyak_step, momentum_ema=self.momentum_ema,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .state import ACTIVATIONS, GATE_EPS, MemoryState, check_scan_args
+from .state import ACTIVATIONS, GATE_EPS, MemoryState, check_scan_args, effective_theta, polyak_scale
 
 
 def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
@@ -28,16 +28,21 @@ def memory_scan_reference(
     chunk_size: int = 1,
     retrieve: str = "inclusive",
     activation: str = "silu",
+    polyak_step: bool = False,
+    momentum_ema: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Same contract as `memory_scan`, one token at a time.
 
     S_t = eta_t S_{t-1} - theta_t grad_W l_t(W_{t'}),  W_t = (1 - alpha_t) W_{t-1} + S_t, where t' is the state at
     the start of token t's chunk and the inner gradient comes from autograd (independent of the dual form).
+    `momentum_ema`: theta_t -> theta_t (1 - eta_t); `polyak_step`: theta_t -> theta_t * `polyak_scale` of token t's
+    loss and gradient at W_{t'} (both differentiated through).
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, theta = (t.to(dtype) for t in (q, k, v, theta))
     eta = eta.to(dtype).clamp(GATE_EPS, 1.0)
+    theta = effective_theta(theta, eta, momentum_ema)
     keep = (1 - alpha.to(dtype)).clamp(GATE_EPS, 1.0)
     weights = [w.to(dtype) for w in state.weights]
     momentum = [s.to(dtype) for s in state.momentum]
@@ -52,9 +57,13 @@ def memory_scan_reference(
             elif retrieve == "exclusive":
                 outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(weights), activation))
             pred = memory_mlp(k[:, :, t : t + 1], tuple(chunk_start), activation)
-            loss = (pred - v[:, :, t : t + 1]).pow(2).sum()
-            grads = torch.autograd.grad(loss, chunk_start, create_graph=True)
-            lr, decay, forget_keep = (g[:, :, t, None, None] for g in (theta, eta, keep))
+            loss = (pred - v[:, :, t : t + 1]).pow(2).sum((-1, -2))  # [B, H]
+            grads = torch.autograd.grad(loss.sum(), chunk_start, create_graph=True)
+            lr = theta[:, :, t]
+            if polyak_step:
+                lr = lr * polyak_scale(loss, sum(g.pow(2).sum((-1, -2)) for g in grads))
+            lr = lr[..., None, None]
+            decay, forget_keep = (g[:, :, t, None, None] for g in (eta, keep))
             momentum = [decay * s - lr * g for s, g in zip(momentum, grads)]
             weights = [forget_keep * w + s for w, s in zip(weights, momentum)]
             if retrieve == "inclusive":

@@ -9,8 +9,26 @@ import torch.nn.functional as F
 
 RETRIEVE_MODES = ("inclusive", "exclusive", "chunk")
 
-# eta and (1 - alpha) are clamped to [GATE_EPS, 1] so their logs stay finite (DESIGN.md section 2).
+# eta and (1 - alpha) are clamped to [GATE_EPS, 1] so their logs stay finite (docs/memory.md).
 GATE_EPS = 1e-6
+
+# The Polyak step (`polyak_step=True`, docs/memory.md): token t's inner learning rate theta_t is multiplied by
+# c_t = 2 l_t / (|grad l_t|^2 + 4 rho l_t + eps), the step that would zero l_t if it were a quadratic along its
+# gradient, measured in units of a linear memory with unit keys (for which c_t = 1/2 and theta_t = 1 is the exact
+# delta rule). rho floors the curvature |grad l|^2 / (4 l), so a vanishing gradient cannot make the step explode.
+POLYAK_CURVATURE_FLOOR = 1e-2
+POLYAK_EPS = 1e-12
+
+
+def polyak_scale(loss: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
+    """c = 2 l / (|g|^2 + 4 rho l + eps) per token, from its loss l and squared inner-gradient norm |g|^2."""
+    return 2 * loss / (grad_sq + 4 * POLYAK_CURVATURE_FLOOR * loss + POLYAK_EPS)
+
+
+def effective_theta(theta: torch.Tensor, eta: torch.Tensor, momentum_ema: bool) -> torch.Tensor:
+    """theta, or theta (1 - eta) with `momentum_ema` (the momentum becomes an average of -theta grad whose
+    weights sum to 1, so theta is the effective step however close eta is to 1). eta is already clamped."""
+    return theta * (1 - eta) if momentum_ema else theta
 
 
 class MemoryState(NamedTuple):
