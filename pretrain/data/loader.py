@@ -18,11 +18,15 @@ Contracts:
   workers prefetched). ``load_state_dict`` + a new ``iter()`` continue with exactly the next samples an
   uninterrupted run would have seen, under any ``num_workers`` or batch size.
 - Checks on start: manifest fields against the caller's ``seq_len`` / ``tokenizer_sha256`` / ``vocab_size``
-  (``ManifestError``), every shard file present (``ManifestError``), its size (always) and sha256
-  (``verify_sha256=True``) against the manifest.
+  (``ManifestError``), every shard file present (``ManifestError``) and its size against the manifest.
+- sha256 (``verify_sha256=True``, the default): each shard is hashed against the manifest when a worker first
+  opens it, before any of its samples is used, so start-up is not held up by a full read of the dataset. A
+  process hashes a file once while its (size, mtime) stay the same (``_VERIFIED``): not again every epoch, nor
+  for a later loader in the same process (e.g. each evaluation). Each worker process hashes the shards it
+  reads (read from the page cache, about 1-2 GB/s: a small cost beside what training consumes).
 - Damage: with ``on_corrupt="raise"`` a damaged shard or sample raises ``CorruptShardError`` naming the shard
-  and sample. With ``on_corrupt="skip"`` a shard failing the start checks is skipped whole and a sample that
-  cannot be read is skipped; the slot is refilled with the next readable sample of the same shuffle block
+  and sample. With ``on_corrupt="skip"`` a shard failing the start or sha256 checks is skipped whole and a
+  sample that cannot be read is skipped; the slot is refilled with the next readable sample of the same shuffle block
   (so batch shapes and positions never change), logged, and counted in ``TokenLoader.skipped``.
   Token ids >= the manifest's vocab_size always raise ValueError (never clipped): they mean the data and
   tokenizer disagree, which skipping would hide.
@@ -52,12 +56,25 @@ from pretrain.data.shards import (
     ManifestError,
     check_manifest,
     read_manifest,
+    sha256_file,
     shard_problems,
 )
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+# (resolved path, size, mtime_ns) -> sha256 of the files this process has hashed.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of ``path``, hashed once per process while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]
 
 
 class CorruptShardError(RuntimeError):
@@ -95,7 +112,7 @@ class TokenShardDataset(IterableDataset):
         shuffle_buffer: int = 2048,
         shuffle_lanes: int = 8,
         epochs: int | None = None,
-        verify_sha256: bool = False,
+        verify_sha256: bool = True,
         on_corrupt: str = "raise",
     ):
         if on_corrupt not in ("raise", "skip"):
@@ -118,8 +135,9 @@ class TokenShardDataset(IterableDataset):
         self.epochs = epochs
         self.on_corrupt = on_corrupt
         self.start = 0
+        self.verify_sha256 = verify_sha256
         self.condemned: dict[str, str] = {}
-        for name, problem in shard_problems(self.root, self.shards, verify_sha256).items():
+        for name, problem in shard_problems(self.root, self.shards).items():
             if on_corrupt == "raise":
                 raise CorruptShardError(f"{name}: {problem}")
             log.warning("%s: %s; skipping the whole shard", name, problem)
@@ -151,6 +169,25 @@ class TokenShardDataset(IterableDataset):
     def samples_per_epoch(self) -> int:
         """Samples this rank reads per epoch: ``N // dp_size``."""
         return self.order.samples_per_epoch
+
+    def check_sha256(self, shard: int) -> bool:
+        """Whether shard ``shard`` may be read: its sha256 matches the manifest (or is not checked). A mismatch
+        raises CorruptShardError (``on_corrupt="raise"``) or condemns the shard (``"skip"``, logged)."""
+        meta = self.shards[shard]
+        if not self.verify_sha256:
+            return True
+        digest = cached_sha256(self.root / meta["name"])
+        if digest == meta["sha256"]:
+            return True
+        problem = (
+            f"sha256 {digest[:16]} differs from the manifest's {meta['sha256'][:16]} (the file changed after "
+            f"prepare_data; rebuild {self.root} or set data.on_corrupt=skip)"
+        )
+        if self.on_corrupt == "raise":
+            raise CorruptShardError(f"{meta['name']}: {problem}")
+        log.warning("%s: %s; skipping the whole shard", meta["name"], problem)
+        self.condemned[meta["name"]] = problem
+        return False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
@@ -239,10 +276,11 @@ class _ShardCursor:
 
     def read(self, piece: Piece) -> list[_Raw]:
         meta = self.ds.shards[piece.shard]
-        if meta["name"] in self.ds.condemned:
+        reopen = self.shard != piece.shard or self.next > piece.start
+        if meta["name"] in self.ds.condemned or reopen and not self.ds.check_sha256(piece.shard):
             problem = self.ds.condemned[meta["name"]]
             return [_Raw(piece.shard, i, None, f"shard skipped: {problem}") for i in range(piece.start, piece.stop)]
-        if self.shard != piece.shard or self.next > piece.start:
+        if reopen:
             self.close()
             self.shard, self.next, self.error = piece.shard, 0, None
             self.file = open(self.ds.root / meta["name"], "rb")
