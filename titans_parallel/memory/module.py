@@ -63,6 +63,8 @@ class NeuralMemory(nn.Module):
     1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
     `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step` and
     `momentum_ema` are the scan's stabilisers (docs/memory.md); with both off the update is the paper's rule.
+    `learning = False` switches test-time learning off (theta = alpha = 0: the memory stays at W_0), to measure
+    what it adds.
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
     the sequence itself).
@@ -95,6 +97,7 @@ class NeuralMemory(nn.Module):
         self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
         self.full_sequence = full_sequence
         self.polyak_step, self.momentum_ema = polyak_step, momentum_ema
+        self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
         column = functools.partial(
             column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
         )
@@ -191,6 +194,8 @@ class NeuralMemory(nn.Module):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         theta, eta, alpha = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
         theta = self.theta_max * theta
+        if not self.learning:
+            theta, alpha = torch.zeros_like(theta), torch.zeros_like(alpha)
 
         p = cache.pending[0].shape[2]
         if p:  # the pending tokens re-enter the scan; their outputs were already returned
