@@ -20,11 +20,13 @@ STEPS = 8
 
 
 def metrics(path: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a kill and after the resume) keeps its last value."""
+    """step -> loss; a step logged twice (before a kill and after the resume) keeps its last value. Validation
+    records ({"step", "val_loss", "val_ppl"}) are skipped."""
     losses = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        losses[record["step"]] = record["loss"]
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
     return losses
 
 
