@@ -81,7 +81,8 @@ class OptimizerConfig:
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
-        check(all(0 <= b < 1 for b in self.betas), "betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        check(betas_ok, "betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass

@@ -31,8 +31,8 @@ def test_nested_model_override_keeps_the_model_files_section():
 @pytest.mark.parametrize(
     "override,check",
     [
-        ("train.steps=7", lambda c: c.train.steps == 7 and c.train.micro_batch_size == 8 and c.train.precision == "bf16"),
-        ("model.n_layers=6", lambda c: c.model.n_layers == 6 and c.model.dim == 768 and c.model.memory.chunk_size == 64),
+        ("train.steps=7", lambda c: c.train.steps == 7 and c.train.micro_batch_size == 8 and c.train.zero_stage == 1),
+        ("model.n_layers=6", lambda c: c.model.n_layers == 6 and c.model.dim == 768 and c.model.window == 512),
         ("model.memory.depth=3", lambda c: c.model.memory.depth == 3 and c.model.memory.chunk_size == 64),
     ],
 )
@@ -138,6 +138,10 @@ def test_values_are_validated_when_built_in_code_too():
         from_mapping(JobConfig, {"optimizer": {"betas": [0.9]}})
     with pytest.raises(ConfigError, match=r"^n_heads: must be >= 1"):
         ModelConfig(n_heads=0)
+    from pretrain.config import OptimizerConfig
+
+    with pytest.raises(ConfigError, match=r"^betas: must be two numbers in \[0, 1\)"):
+        OptimizerConfig(betas=(0.9,))
 
 
 def test_run_cli_prints_config_errors_as_one_line(capsys):

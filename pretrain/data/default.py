@@ -2,8 +2,8 @@
 
 ``prepare_default_dataset()`` builds token shards from it once and returns the existing ones while their
 manifest still matches the request (same corpus bytes, vocab_size, seq_len, val_fraction, intact files).
-A lock file beside it (``.<name>.lock``) serialises concurrent callers on one filesystem; on a multi-node job without a shared lock,
-call it on one rank and barrier.
+A lock file beside it (``.<name>.lock``) serialises concurrent callers on one filesystem; on a multi-node job
+without a shared lock, call it on one rank and barrier.
 """
 
 from __future__ import annotations
