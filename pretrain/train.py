@@ -11,12 +11,11 @@ exiting. A run whose checkpoint.dir has a `latest` resumes from it; `--resume-fr
 
 from __future__ import annotations
 
+from pretrain import quiet  # first: importing it filters known harmless library warnings before megatron/DeepSpeed load
+
 import argparse
-import json
 import os
-import resource
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -29,8 +28,10 @@ import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import JobConfig, deepspeed_config, load_job_config
-from pretrain.flops import dense_parameter_count, device_peak_flops, flops_per_token
+from pretrain.flops import device_peak_flops, flops_per_token, parameter_counts
+from pretrain.monitor import Monitor, dataset_line, startup_lines
 from pretrain.optim import build_optimizer
+from pretrain.preemption import PreemptionFlag, mark_clean_exit
 from titans_parallel import TitansLM
 from titans_parallel.parallel import destroy_parallel, init_parallel
 from titans_parallel.parallel.grads import register_sequence_parallel_grad_hooks
@@ -62,9 +63,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def ensure_distributed_env() -> None:
-    """Let `python pretrain/train.py` run as a single rank without a launcher."""
+    """Let `python pretrain/train.py` run as a single rank without a launcher; refuse `srun python
+    pretrain/train.py` with several tasks (each would train alone, on the whole data, into one checkpoint dir)."""
     if "RANK" in os.environ:
         return
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in os.environ and tasks > 1:
+        raise SystemExit(
+            f"pretrain/train.py was started as SLURM task {os.environ['SLURM_PROCID']} of {tasks} without a launcher "
+            "(RANK/WORLD_SIZE unset): each task would train alone. Start one deepspeed launcher per node instead: "
+            "sbatch --nodes N launch/slurm.sbatch CONFIG [key=value ...]"
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     if world % config.parallel.tp:
         raise SystemExit(f"world size {world} is not divisible by parallel.tp={config.parallel.tp}")
     ensure_distributed_env()
-    train(config, resume_from=args.resume_from)
+    if train(config, resume_from=args.resume_from).preempted:
+        mark_clean_exit()  # tells the launch scripts' supervisor this rank stopped cleanly
 
 
 def train(config: JobConfig, batches: BatchSource | None = None, resume_from: str | None = None) -> TrainResult:
@@ -93,7 +103,9 @@ def train(config: JobConfig, batches: BatchSource | None = None, resume_from: st
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        with quiet.filtered_stdout():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    quiet.rank_policy(dist.get_rank())
     dims = init_parallel(config.parallel.tp, sequence_parallel=config.parallel.sequence_parallel, seed=config.train.seed)
     try:
         return _train(config, dims, batches, deepspeed, resume_from)
@@ -175,15 +187,17 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
 
     train_cfg = config.train
     tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum * dims.dp_size * config.data.seq_len
-    step_flops = tokens_per_step * flops_per_token(
-        config.model, dense_parameter_count(engine.module) * dims.tp_size, config.data.seq_len
-    )
+    counts = parameter_counts(engine.module, dims.tp_size)
+    step_flops = tokens_per_step * flops_per_token(config.model, counts.dense, config.data.seq_len)
     peak = device_peak_flops(train_cfg.precision, config.logging.peak_tflops)
-    log = _Logger(config, is_main, first_step)
+    log = Monitor(config, is_main, first_step)
+    if is_main:
+        log.start(startup_lines(config, dims, counts, tokens_per_step, dataset_line(val_root, tokens_per_step, train_cfg.steps),
+                                f"{dist.get_backend()} on {engine.device}"))
     result = TrainResult(first_step=first_step)
     version = checkpoint.code_version() if is_main else "unknown"
     universal_info = {"universal_checkpoint_info": universal_checkpoint_info(engine.module)}
-    stop = _PreemptionFlag()
+    stop = PreemptionFlag()
     start_time = time.perf_counter()
     for step in range(first_step, train_cfg.steps):
         step_start = time.perf_counter()
@@ -211,7 +225,9 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
         preempted = stop.agreed(engine.device)
         if preempted or config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
             rank_state = {"data": loader.state_dict() if loader is not None else None}
-            checkpoint.save(engine, config, done, tokens_per_step * done, rank_state, universal_info, version)
+            save_start = time.perf_counter()
+            tag_dir = checkpoint.save(engine, config, done, tokens_per_step * done, rank_state, universal_info, version)
+            log.checkpoint(tag_dir, time.perf_counter() - save_start)
         if preempted:
             result.preempted = True
             log.message(f"preempted: checkpoint written at step {done}, exiting")
@@ -267,7 +283,8 @@ def _build_loader(config: JobConfig, dims):
     root = config.data.path
     if root is None:  # rank 0 builds (or reuses) the embedded dataset; the loader's manifest check guards the rest
         if dist.get_rank() == 0:
-            prepare_default_dataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len)
+            prepare_default_dataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len,
+                                    progress=sys.stderr.isatty())
         dist.barrier()
         root = default_dataset_dir(config.model.vocab_size, config.data.seq_len)
     loader = build_loader(
@@ -303,100 +320,6 @@ def _evaluate(engine, config: JobConfig, dims, root) -> float:
     dist.all_reduce(total, group=dims.dp_group)
     dist.all_reduce(count, group=dims.dp_group)
     return (total / count.clamp_min(1)).item()
-
-
-class _PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; ranks agree on it once per step (all-reduce MAX), so every rank checkpoints
-    the same step before exiting, however far apart the signals arrived."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class _Logger:
-    """Rank 0: a line every `logging.every` steps, a tqdm bar with ETA, TensorBoard scalars."""
-
-    def __init__(self, config: JobConfig, enabled: bool, first_step: int):
-        self.enabled, self.every = enabled, config.logging.every
-        self.bar = self.writer = self.metrics = None
-        if not enabled:
-            return
-        if config.logging.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=config.train.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True)
-        if config.logging.metrics_file:
-            Path(config.logging.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.metrics = open(config.logging.metrics_file, "a")
-        if config.logging.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(config.logging.tensorboard_dir)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            self._print(text)
-
-    def _print(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float | None):
-        if not self.enabled:
-            return
-        peak_gib = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if (step + 1) % self.every == 0 or step == 0:
-            mfu_text = f" mfu {mfu:.1%}" if mfu is not None else ""
-            self._print(f"step {step + 1} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
-                        f"tokens/s {tokens_per_s:,.0f}{mfu_text} peak_mem {peak_gib:.2f}GiB")
-        scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "peak_mem_gib": peak_gib}
-        if mfu is not None:
-            scalars["mfu"] = mfu
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", value, step + 1)
-        if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": step + 1, **scalars}) + "\n")
-            self.metrics.flush()
-
-    def validation(self, step: int, loss: float) -> None:
-        if self.enabled:
-            self._print(f"step {step} val_loss {loss:.4f} val_ppl {torch.tensor(loss).exp().item():.2f}")
-            if self.writer is not None:
-                self.writer.add_scalar("val/loss", loss, step)
-
-    def close(self, result: TrainResult) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        final = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
-        print(f"done: {len(result.losses)} steps{final}, {result.tokens_per_second:,.0f} tokens/s overall", flush=True)
 
 
 if __name__ == "__main__":
