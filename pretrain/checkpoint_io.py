@@ -16,7 +16,9 @@ TP shards ("tp" format, a start point for continued pretraining at another TP de
 `load_tp_shard(folder, rank, tp)` returns one rank's state dict at any tp (re-slicing when the folder was written
 for another N), ready for `model.load_state_dict` on that rank; `load_tp_shards(folder)` reassembles the model.
 
-Checkpoint files are pickles (`weights_only=False`, as DeepSpeed writes them): only read checkpoints you trust.
+Checkpoint files are pickles; every one is read weights-only (`pretrain.checkpoint.torch_load` and, for DeepSpeed's
+own reads in zero_to_fp32, `weights_only_loads`): a file that would run code is refused, naming it. A checkpoint is
+verified against its manifest (sizes, sha256) before it is read.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pretrain.checkpoint import JOB_FILE, LATEST, CheckpointError, is_complete, read_job
+from pretrain.checkpoint import (
+    JOB_FILE,
+    LATEST,
+    CheckpointError,
+    is_complete,
+    read_job,
+    torch_load,
+    verify,
+    weights_only_loads,
+)
 from pretrain.optim import param_groups
 from titans_parallel import ModelConfig, TitansLM
 from titans_parallel.parallel.metadata import tensor_parallel_layout, tied_parameters
@@ -100,6 +111,9 @@ def load_consolidated(path: str | Path, progress: bool = True) -> tuple[StateDic
     """(full fp32 state dict, the job config as a plain dict, step) of the checkpoint at `path` (see
     `resolve_checkpoint`). Errors name the missing, unreadable or mismatching file."""
     tag_dir = resolve_checkpoint(path)
+    problems = verify(tag_dir)
+    if problems:
+        raise CheckpointError("; ".join(problems))
     job = read_job(tag_dir)
     config = job["config"]
     tp = config["parallel"]["tp"]
@@ -130,8 +144,17 @@ def _with_aliases(state: StateDict, spec: ModelSpec) -> StateDict:
 
 
 def rank_files(tag_dir: Path, zero_stage: int, tp: int, dp: int, bf16: bool) -> list[RankFiles]:
-    """Every rank's file names as DeepSpeed writes them for this stage / TP / DP / precision; a CheckpointError
-    naming the first missing one."""
+    """`expected_rank_files`, with a CheckpointError naming the first missing one."""
+    files = expected_rank_files(tag_dir, zero_stage, tp, dp, bf16)
+    missing = [p for f in files for p in f.model + f.optim if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is missing ({len(missing)} rank file(s) missing; a ZeRO-{zero_stage}, "
+                              f"tp={tp} x dp={dp} checkpoint has {sum(len(f.model) + len(f.optim) for f in files)})")
+    return files
+
+
+def expected_rank_files(tag_dir: Path, zero_stage: int, tp: int, dp: int, bf16: bool) -> list[RankFiles]:
+    """Every rank's file names as DeepSpeed writes them for this stage / TP / DP / precision."""
     prefix = "bf16_" if bf16 else ""
     files = []
     for r in range(tp):
@@ -141,19 +164,11 @@ def rank_files(tag_dir: Path, zero_stage: int, tp: int, dp: int, bf16: bool) -> 
             model = [tag_dir / f"mp_rank_{r:02d}_model_states.pt"]
         optim = [tag_dir / f"{prefix}zero_pp_rank_{d}_mp_rank_{r:02d}_optim_states.pt" for d in range(dp)]
         files.append(RankFiles(model, optim if zero_stage else []))
-    missing = [p for f in files for p in f.model + f.optim if not p.is_file()]
-    if missing:
-        raise CheckpointError(f"{missing[0]} is missing ({len(missing)} rank file(s) missing; a ZeRO-{zero_stage}, "
-                              f"tp={tp} x dp={dp} checkpoint has {sum(len(f.model) + len(f.optim) for f in files)})")
     return files
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated zip, bad pickle, ...
-        raise CheckpointError(f"{path} cannot be read, the file is truncated or corrupt "
-                              f"({type(e).__name__}: {e})") from None
+    return torch_load(path, map_location="cpu", mmap=True)
 
 
 def _rank_weights(files: RankFiles, spec: ModelSpec) -> StateDict:
@@ -167,7 +182,7 @@ def _zero_master_weights(files: RankFiles) -> StateDict:
     from deepspeed.utils import zero_to_fp32 as z
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loads():
             models = z.parse_model_states([str(p) for p in files.model])
             optim = [str(p) for p in files.optim]
             stage, world, flat_groups, paddings = z.parse_optim_states(optim, str(files.optim[0].parent))

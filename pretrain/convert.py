@@ -16,6 +16,11 @@
 The tokenizer is the `tokenizer.model` of the dataset in the job config's `data.path` (the embedded default
 dataset when null), or --tokenizer. An existing --out is never touched without --force; the export is written
 next to it and moved into place only when complete.
+
+The checkpoint is verified against its manifest (every file present, its size and sha256) before it is read. Its
+.pt files (DeepSpeed's *_model_states.pt and *_optim_states.pt) are pickles: they are read weights-only (tensors,
+plain data and a few named DeepSpeed classes), so a crafted file is refused rather than run; still convert only
+checkpoints from sources you trust.
 """
 
 from __future__ import annotations

@@ -230,8 +230,31 @@ def broken(trained, tmp_path) -> Path:
 def test_truncated_rank_file_is_named(broken):
     path = broken / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))} cannot be read.*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))} is truncated or corrupt: .* bytes, .* written"):
         load_consolidated(broken)
+    (broken / "manifest.json").unlink()  # a checkpoint from before manifests: the archive check still names it
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))} is truncated or corrupt"):
+        load_consolidated(broken)
+
+
+def test_crafted_optimizer_file_is_refused_and_does_not_run(broken, tmp_path):
+    """A pickle that runs a command in place of an optimizer shard (the manifest rewritten to match): refused by
+    DeepSpeed's own zero_to_fp32 read, forced weights-only, naming the file; the command never runs."""
+    import hashlib
+
+    path, marker = broken / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"optimizer_state_dict": Evil()}, path)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))} is refused: .*would run code"):
+        load_consolidated(broken)
+    assert not marker.exists()
 
 
 def test_missing_rank_file_is_named(broken, capsys):
