@@ -1,0 +1,1 @@
+"""Evaluation: synthetic recall tasks (tasks.py) shared by bench/recall.py and the evaluation command."""
