@@ -3,8 +3,9 @@
     python bench/memory.py                      # CPU shape of issue 2: D=256 H=4 d=64 C=16 B=2 T=1024 depth 2
     python bench/memory.py --dim 1024 --heads 16 --chunk 64 --batch 4 --seq 4096 --device cuda
 
-Ours runs twice: eager, and with `compile_scan=True` (each chunk step through torch.compile; its compile time is
-spent in the warm-up round, not timed). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
+Ours runs four times: eager and with `compile_scan=True` (each chunk step through torch.compile; its compile time is
+spent in the warm-up round, not timed), each with the paper's rule and with the stabilisers (`polyak_step`,
+`momentum_ema`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
 with its default batch_size=None (every inner gradient taken at the initial weights) and with batch_size = chunk
 (the paper's rule, which we compute). Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
 All runs are interleaved round by round (`timing.interleaved_medians`).
@@ -18,7 +19,14 @@ import torch
 from timing import interleaved_medians
 from titans_parallel.memory import NeuralMemory
 
-OURS = ("titans-parallel eager", "titans-parallel compiled")
+STABILISED = dict(polyak_step=True, momentum_ema=True)
+PAPER_RULE = dict(polyak_step=False, momentum_ema=False)
+OURS = {  # label: (compile_scan, rule)
+    "titans-parallel eager, paper rule": (False, PAPER_RULE),
+    "titans-parallel eager, stabilised": (False, STABILISED),
+    "titans-parallel compiled, paper rule": (True, PAPER_RULE),
+    "titans-parallel compiled, stabilised": (True, STABILISED),
+}
 
 
 def main() -> None:
@@ -42,9 +50,9 @@ def main() -> None:
     runs = {
         label: NeuralMemory(
             args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk,
-            compile_scan=compiled,
+            compile_scan=compiled, **rule,
         )
-        for label, compiled in zip(OURS, (False, True))
+        for label, (compiled, rule) in OURS.items()
     }
     if not args.no_peer:
         from titans_pytorch import NeuralMemory as LucidrainsMemory
@@ -64,11 +72,14 @@ def main() -> None:
     seconds = interleaved_medians({label: fwd_bwd(m) for label, m in runs.items()}, args.warmup, args.reps, x.is_cuda)
     rates = {label: tokens / s for label, s in seconds.items()}
     for label, rate in rates.items():
-        print(f"{label:40s} {rate:12,.0f} tokens/s  ({seconds[label] * 1e3:8.1f} ms fwd+bwd)")
+        print(f"{label:42s} {rate:12,.0f} tokens/s  ({seconds[label] * 1e3:8.1f} ms fwd+bwd)")
     for ours in OURS:
         for label, rate in rates.items():
             if label not in OURS:
                 print(f"ratio {ours} / {label}: {rates[ours] / rate:.2f}x")
+    for mode in ("eager", "compiled"):
+        stabilised, paper = rates[f"titans-parallel {mode}, stabilised"], rates[f"titans-parallel {mode}, paper rule"]
+        print(f"ratio {mode}: stabilised / paper rule: {stabilised / paper:.2f}x")
 
 
 if __name__ == "__main__":

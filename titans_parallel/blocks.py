@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = mark_sequence_parallel(nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 

@@ -21,13 +21,13 @@ class MemoryConfig:
     expansion: int = 4  # hidden width = expansion * head_dim
     chunk_size: int = 16  # tokens whose inner gradients share one chunk-start state
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections
-    theta_max: float = 0.01  # inner learning rate theta_t = theta_max * sigmoid(.); see NeuralMemory
+    theta_max: float = 1.0  # theta_t = theta_max * sigmoid(.); with polyak_step a fraction of a full correction
     activation: Literal["silu", "gelu"] = "silu"
     retrieve: Literal["inclusive", "exclusive", "chunk"] = "inclusive"
     compile_scan: bool = False  # torch.compile each chunk step (fused kernels; compiles once per shape)
     # Stabilisers of the inner update (docs/memory.md); both false = the paper's rule exactly.
-    polyak_step: bool = False  # each token's step scaled to the Polyak step of its own loss (theta 1 = full correction)
-    momentum_ema: bool = False  # theta_t -> theta_t (1 - eta_t): momentum averages the steps instead of summing them
+    polyak_step: bool = True  # each token's step scaled to the Polyak step of its own loss (theta 1 = full correction)
+    momentum_ema: bool = True  # theta_t -> theta_t (1 - eta_t): momentum averages the steps instead of summing them
 
     def __post_init__(self):
         for name in ("depth", "expansion", "chunk_size", "conv_kernel"):

@@ -79,13 +79,13 @@ class NeuralMemory(nn.Module):
         expansion: int = 4,
         chunk_size: int = 16,
         conv_kernel: int = 4,
-        theta_max: float = 0.01,
+        theta_max: float = 1.0,
         retrieve: str = "inclusive",
         activation: str = "silu",
         compile_scan: bool = False,
         norm_eps: float = 1e-6,
-        polyak_step: bool = False,
-        momentum_ema: bool = False,
+        polyak_step: bool = True,
+        momentum_ema: bool = True,
         *,
         init_std: float = 0.02,
         out_std: float = 0.02,
@@ -121,7 +121,8 @@ class NeuralMemory(nn.Module):
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
         """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
-        weights = tuple(w.float().unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
+        dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)  # fp32 state; fp64 stays fp64
+        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
         ref = self.in_proj.weight
         H, d = self.n_heads, self.head_dim
         pending = tuple(ref.new_zeros(batch_size, H, 0, d) for _ in range(2)) + tuple(
@@ -143,8 +144,8 @@ class NeuralMemory(nn.Module):
     def _gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
         of out_proj."""
-        y = y.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].float()
+        y = y.to(torch.promote_types(y.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].to(y.dtype)
         return (y.to(gate.dtype).transpose(1, 2) * F.silu(gate)).flatten(2)
 
     def read(
