@@ -103,10 +103,12 @@ class Task:
             self.vocab_size = self.vocab.size
             self.lengths = [mqar_length(args.pairs, args.gap, args.queries)]
             self.chance = 1.0 / args.values
+            out_of_reach = args.gap >= mqar_min_gap(args.window, args.layers)
             self.describe = (
-                f"MQAR: {args.pairs} pairs, {args.queries or args.pairs} queries, gap {args.gap}, T={self.lengths[0]}, keys/values/filler "
-                f"{args.keys}/{args.values}/{args.filler}, answers {'shown' if args.show_answers else 'hidden'}; SWA reach {reach} "
-                f"({'pairs out of reach' if args.gap >= mqar_min_gap(args.window, args.layers) else 'PAIRS WITHIN REACH'})"
+                f"MQAR: {args.pairs} pairs, {args.queries or args.pairs} queries, gap {args.gap}, T={self.lengths[0]}, "
+                f"keys/values/filler {args.keys}/{args.values}/{args.filler}, answers "
+                f"{'shown' if args.show_answers else 'hidden'}; SWA reach {reach} "
+                f"({'pairs out of reach' if out_of_reach else 'PAIRS WITHIN REACH'})"
             )
         else:
             self.vocab = PasskeyVocab()

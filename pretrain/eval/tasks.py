@@ -122,10 +122,11 @@ def mqar_batch(
     its value (a_j = v_p(j), teacher forcing: targets are the inputs shifted by one everywhere); without (the
     default, as in Zoology, where the answers are labels only) it is BLANK and the scored targets are the values.
     Shown answers let a model score 1/(n - j) on query j by excluding the values already answered, a local optimum
-    (held-out 0.37 with 8 pairs, loss ln(8!)/8 = 1.33) in which small transformers stayed for thousands of steps. Pair i's key is at input
-    position 1 + 2i and its value at 2 + 2i; query j's key at 1 + 2n + gap + 2j. The first query is gap + 1 tokens
-    after the last pair's value, so for gap >= window no pair is visible to any query within one window (see
-    `mqar_min_gap` for stacked layers). Chance is 1 / n_values per query.
+    (held-out 0.37 with 8 pairs, loss ln(8!)/8 = 1.33) in which small transformers stayed for thousands of steps;
+    with shown answers and n_queries > n_pairs a repeated key's earlier answer may also lie within the window.
+    Pair i's key is at input position 1 + 2i and its value at 2 + 2i; query j's key at 1 + 2n + gap + 2j. The
+    first query is gap + 1 tokens after the last pair's value, so for gap >= window no pair is visible to any query
+    within one window (see `mqar_min_gap` for stacked layers). Chance is 1 / n_values per query.
     """
     if n_pairs < 1 or n_pairs > vocab.n_keys:
         raise ValueError(f"n_pairs must be in [1, n_keys={vocab.n_keys}], got {n_pairs}")
