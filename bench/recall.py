@@ -54,7 +54,16 @@ from titans_parallel import ModelConfig, TitansLM  # noqa: E402
 from titans_parallel.config import MemoryConfig  # noqa: E402
 
 VARIANTS = ("transformer", "swa", "lmm", "mac", "mag", "mal")
-HELDOUT_SEED = 0x5EED << 40  # held-out batch i uses HELDOUT_SEED + i; training (seed + 1) << 32 | step: disjoint
+# torch.Generator.manual_seed keeps only the low 32 bits of a seed: training batch `step` of seed s uses
+# s * 1_000_003 + step (< 2**31 for s < 2000), held-out batch i at length T uses 2**31 + T * 4096 + i: disjoint.
+HELDOUT_SEED = 1 << 31
+
+
+def train_seed(seed: int, step: int) -> int:
+    value = seed * 1_000_003 + step
+    if not 0 <= value < HELDOUT_SEED:
+        raise ValueError(f"seed {seed} / step {step} out of the training seed range")
+    return value
 
 
 def parse_memory(pairs: list[str]) -> dict:
@@ -128,7 +137,7 @@ class Task:
         return passkey_batch(n, length, self.args.digits, generator, self.depths[length], self.vocab)
 
     def train_batch(self, seed: int, step: int):
-        generator = torch.Generator().manual_seed(((seed + 1) << 32) | step)
+        generator = torch.Generator().manual_seed(train_seed(seed, step))
         return self.make(self.args.batch, generator, self.lengths[step % len(self.lengths)])
 
     def heldout(self, length: int):
