@@ -21,7 +21,7 @@ class MemoryConfig:
     expansion: int = 4  # hidden width = expansion * head_dim
     chunk_size: int = 16  # tokens whose inner gradients share one chunk-start state
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections
-    theta_max: float = 1.0  # theta_t = theta_max * sigmoid(.); with polyak_step a fraction of a full correction
+    theta_max: float = 0.1  # theta_t = theta_max * sigmoid(.); with polyak_step a fraction of a full correction
     activation: Literal["silu", "gelu"] = "silu"
     retrieve: Literal["inclusive", "exclusive", "chunk"] = "inclusive"
     compile_scan: bool = False  # torch.compile each chunk step (fused kernels; compiles once per shape)

@@ -79,7 +79,7 @@ class NeuralMemory(nn.Module):
         expansion: int = 4,
         chunk_size: int = 16,
         conv_kernel: int = 4,
-        theta_max: float = 1.0,
+        theta_max: float = 0.1,
         retrieve: str = "inclusive",
         activation: str = "silu",
         compile_scan: bool = False,
