@@ -126,7 +126,8 @@ def check_compatible(saved: dict[str, Any], config: JobConfig) -> list[str]:
     diffs = [d for section in current for d in _diff(saved.get(section, {}), current[section], f"{section}.")]
     model_diff = [d for d in diffs if d.startswith("model.") and d.split(":", 1)[0] not in EXECUTION_KEYS]
     if model_diff:
-        raise CheckpointError("checkpoint was trained with a different model config: " + "; ".join(model_diff))
+        raise CheckpointError("checkpoint was trained with a different model config: " + "; ".join(model_diff),
+                              agreed=True)  # every rank compares the same job.json
     return [d for d in diffs if d not in model_diff]
 
 
