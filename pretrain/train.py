@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint
-from pretrain.config import JobConfig, deepspeed_config, load_job_config
+from pretrain.config import JobConfig, deepspeed_config, load_job_config, run_cli
 from pretrain.flops import device_peak_flops, flops_per_token, parameter_counts
 from pretrain.monitor import Monitor, dataset_line, startup_lines
 from pretrain.optim import build_optimizer
@@ -481,4 +481,4 @@ def _evaluate(engine, config: JobConfig, dims, root) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -219,3 +219,18 @@ def test_a_one_dimensional_weight_of_no_known_role_is_refused():
     model.scale = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="scale"):
         param_groups(model, 0.1)
+
+
+def test_train_script_prints_a_config_error_as_one_line():
+    """pretrain/train.py reports a bad value as one line naming the key, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "pretrain/train.py", "--config", "configs/train/tiny_cpu.yaml",
+                           "optimizer.lr=-1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "train.py: error: configs/train/tiny_cpu.yaml: optimizer.lr: must be > 0 (and finite), got -1.0"
+    ]
