@@ -223,9 +223,6 @@ def test_a_one_dimensional_weight_of_no_known_role_is_refused():
 
 def test_train_script_prints_a_config_error_as_one_line():
     """pretrain/train.py reports a bad value as one line naming the key, exit status 2, no traceback."""
-    import subprocess
-    import sys
-
     from tests.conftest import ROOT
 
     done = subprocess.run([sys.executable, "pretrain/train.py", "--config", "configs/train/tiny_cpu.yaml",
