@@ -37,14 +37,17 @@ from .parallel import (
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dimension, learned scale. Every RMSNorm of the model acts on the sequence-parallel
-    region, so its weight (replicated over TP) is marked `sequence_parallel`: under sequence parallel each rank sees
-    only its tokens and `register_sequence_parallel_grad_hooks` must sum the gradient over TP."""
+    """RMS norm over the last dimension, learned scale. A norm in the sequence-parallel region (the default) has its
+    weight (replicated over TP) marked `sequence_parallel`: under sequence parallel each rank sees only its tokens
+    and `register_sequence_parallel_grad_hooks` must sum the gradient over TP. `sequence_parallel=False` is for a
+    norm on a full sequence that every TP rank holds whole (inside MAC), whose gradient is complete on every rank."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, sequence_parallel: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = mark_sequence_parallel(nn.Parameter(torch.ones(dim)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        if sequence_parallel:
+            mark_sequence_parallel(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
@@ -179,9 +182,12 @@ class MACCache:
 
 class MACMixer(nn.Module):
     """Memory as context (paper section 4.1), segment by segment (segment = config.window tokens):
-    h = M_before(q(segment)) (retrieval without update); y = Attn over [P || h || segment], P always visible and
-    h_j visible to query i iff j <= i (h_j is read from token j, so this keeps the layer causal);
-    the memory then learns from y, and o = y * M(y) (its inclusive retrieval).
+    h = RMSNorm(M_before(q(segment))) (retrieval without update); y = Attn over [P || h || segment], P always
+    visible and h_j visible to query i iff j <= i (h_j is read from token j, so this keeps the layer causal);
+    the memory then learns from y, and o = y * sigmoid(RMSNorm(M(y))) (its inclusive retrieval as a gate, as in
+    MAG). The norms put the retrieved tokens at the segment's scale and keep o from starting as a product of two
+    near-zero branches (docs/memory.md); they see the whole sequence on every TP rank, so their weights are not
+    sequence-parallel.
     Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
     returns its shard of the output; its attention and memory work on the full sequence (full_sequence)."""
 
@@ -191,6 +197,8 @@ class MACMixer(nn.Module):
         self.persistent = PersistentTokens(config)
         self.attn = _attention(config, None, full_sequence=True)
         self.memory = _memory(config, full_sequence=True)
+        self.context_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
+        self.output_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
 
     def forward(self, x: torch.Tensor, cache: MACCache | None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
@@ -208,9 +216,11 @@ class MACMixer(nn.Module):
             n = min(self.segment - offset, x.shape[1] - start)
             segment = x[:, start : start + n]
             h, read_tail = self.memory.read(segment, read_weights, read_tail)
-            y, attn_cache = self.attn(segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=h)
+            y, attn_cache = self.attn(
+                segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=self.context_norm(h)
+            )
             m, memory_cache = self.memory(y, memory_cache)
-            outputs.append(y * m)
+            outputs.append(y * torch.sigmoid(self.output_norm(m)))
             start, offset = start + n, (offset + n) % self.segment
         out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1))
         return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
