@@ -185,7 +185,7 @@ def test_sharding_marks(tp_results, sp, mode):
             assert len(norms) >= 2 * 2 + 1
             others = [n for n in replicated if n not in norms]
             assert others == [n for n in replicated if n.endswith("persistent.tokens")]
-            full_sequence = [n for n in norms if n.endswith(("mixer.context_norm.weight", "mixer.output_norm.weight"))]
+            full_sequence = [n for n in norms if n.endswith(("mixer.context_norm.weight", "mixer.gate_norm.weight"))]
             assert hooked == ([n for n in norms if n not in full_sequence] if sp else [])
 
 

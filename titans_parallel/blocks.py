@@ -198,7 +198,7 @@ class MACMixer(nn.Module):
         self.attn = _attention(config, None, full_sequence=True)
         self.memory = _memory(config, full_sequence=True)
         self.context_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
-        self.output_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
+        self.gate_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
 
     def forward(self, x: torch.Tensor, cache: MACCache | None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
@@ -220,7 +220,7 @@ class MACMixer(nn.Module):
                 segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=self.context_norm(h)
             )
             m, memory_cache = self.memory(y, memory_cache)
-            outputs.append(y * torch.sigmoid(self.output_norm(m)))
+            outputs.append(y * torch.sigmoid(self.gate_norm(m)))
             start, offset = start + n, (offset + n) % self.segment
         out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1))
         return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)

@@ -11,7 +11,7 @@ What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_p
   (columns), memory in_proj, gate_proj weight and bias (rows), out_proj (columns), conv_weight, initial_weights,
   out_norm_weight (heads, dim 0), SwiGLU w1/w3 (rows) and w2 (columns). Their gradients are complete per shard.
 - replicated, gradient complete on every rank: persistent tokens (their gradient is summed over TP where they
-  enter a projection); MAC's context_norm / output_norm (they act on the full sequence every TP rank holds).
+  enter a projection); MAC's context_norm / gate_norm (they act on the full sequence every TP rank holds).
 - replicated, marked `sequence_parallel` (every other RMSNorm weight: the blocks' mixer_norm / ffn_norm,
   MAG's attn_norm / memory_norm, the final norm): complete with TP alone; under sequence parallel each rank's gradient
   covers its tokens only, and the hooks sum it over TP.
