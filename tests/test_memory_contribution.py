@@ -43,3 +43,14 @@ def test_position_buckets_cover_the_sequence():
     rows = position_buckets(100, 16)
     assert rows[0] == ("0-15", 0, 16) and rows[-3][2] == 100
     assert [(s, e) for _, s, e in rows[:-2]] == [(0, 16), (16, 32), (32, 64), (64, 100)]
+
+
+def test_a_missing_model_is_one_line_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-checkpoint"
+    done = subprocess.run([sys.executable, "-m", "pretrain.eval.memory_contribution", "--model", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"memory_contribution: error: {missing}: no such checkpoint folder"

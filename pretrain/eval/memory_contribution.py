@@ -155,4 +155,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.data import ManifestError
+    from titans_parallel.typed_config import ConfigError, run_cli
+
+    run_cli(main, errors=(CheckpointError, ConfigError, FileNotFoundError, ManifestError), prog="memory_contribution")
