@@ -1,9 +1,12 @@
 """Synthetic recall tasks (pretrain/eval/tasks.py): layout, answer masks, reach of a sliding window, scorer, seeds."""
 
+import re
+
 import pytest
 import torch
 
 from pretrain.eval.tasks import (
+    TEXT_NEEDLES,
     MQARVocab,
     PasskeyVocab,
     TaskBatch,
@@ -18,6 +21,7 @@ from pretrain.eval.tasks import (
     passkey_in_text,
     passkey_vocab_size,
     score,
+    text_needle_batch,
 )
 
 
@@ -186,3 +190,46 @@ def test_score_exact_on_hand_made_logits():
     batch = mqar_batch(16, 4, 8, gen())
     perfect = torch.nn.functional.one_hot(batch.targets, mqar_vocab_size()).float()
     assert score(perfect, batch.targets, batch.mask).exact_accuracy == 1.0
+
+
+def _char_encode(text: str) -> list[int]:
+    """A stand-in tokenizer: one id per character (ids 100 + code point), so a hand count is easy."""
+    return [100 + ord(c) for c in text]
+
+
+@pytest.mark.parametrize("name", ["passkey", "number", "uuid"])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_text_needle_at_the_requested_depth(name, depth):
+    corpus = torch.arange(5000, 5400)  # a short corpus: the haystack wraps around it
+    task = TEXT_NEEDLES[name]
+    length = 600
+    b, values, starts = text_needle_batch(task, _char_encode, corpus, 3, length, depth, gen(7), bos_id=1)
+    check_shift(b)
+    assert b.inputs.shape == (3, length) and (b.inputs[:, 0] == 1).all()
+    seq = torch.cat([b.inputs, b.targets[:, -1:]], dim=1)
+    marker, question = _char_encode(task.marker), _char_encode(task.question)
+    for row, value in enumerate(values):
+        answer = _char_encode(task.answer_prefix + value)
+        k = len(answer)
+        slots = length + 1 - 1 - (len(marker) + k) - (len(question) + k)
+        assert starts[row] == 1 + round(depth * slots)  # haystack offset round(depth * slots), after BOS
+        s = starts[row]
+        assert seq[row, s : s + len(marker) + k].tolist() == marker + answer
+        assert seq[row, -len(question) - k :].tolist() == question + answer
+        assert b.mask[row].sum() == k and b.targets[row][b.mask[row]].tolist() == answer
+        hay = torch.cat([seq[row, 1:s], seq[row, s + len(marker) + k : -len(question) - k]])
+        assert hay.numel() == slots
+        if task.haystack == "corpus":
+            assert ((hay[1:] - hay[:-1]) % 400 == 1).all() and (hay >= 5000).all()  # contiguous, wrapping
+        else:
+            assert hay.tolist() == (_char_encode(task.noise) * slots)[:slots]
+    if name == "number":
+        assert all(v.isdigit() and len(v) == task.value_chars for v in values)
+    if name == "uuid":
+        assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", v) for v in values)
+    assert len(set(values)) == 3
+
+
+def test_text_needle_too_short_is_an_error():
+    with pytest.raises(ValueError, match="too short"):
+        text_needle_batch(TEXT_NEEDLES["uuid"], _char_encode, torch.arange(100), 1, 60, 0.5, gen())

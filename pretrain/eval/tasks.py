@@ -244,36 +244,29 @@ def _needle_offsets(batch_size: int, slots: int, depth, generator: torch.Generat
     return torch.round(d * slots).long()
 
 
-def insert_passkey(
+def insert_needle(
     haystack: torch.Tensor,
-    n_digits: int,
-    depth,
-    generator: torch.Generator,
-    digit_ids: torch.Tensor,
+    value_tokens: torch.Tensor,
+    offsets: torch.Tensor,
     marker_ids: torch.Tensor,
     question_ids: torch.Tensor,
     bos_id: int | None,
-) -> tuple[TaskBatch, torch.Tensor, torch.Tensor]:
-    """The passkey task on a given haystack [B, S] (any token ids): each row becomes
+) -> TaskBatch:
+    """A needle in a given haystack [B, S] (any token ids): each row b becomes
 
-        [bos]  haystack[:o]  marker  d_1 ... d_k  haystack[o:]  question  d_1 ... d_k
+        [bos]  haystack[:o]  marker  v_1 ... v_k  haystack[o:]  question  v_1 ... v_k
 
-    with o = round(depth * S) per row and k = n_digits random digits (tokens digit_ids[0..9]). marker and question
-    are 1-D id tensors (one or more tokens each). Scored: the last question token and the first k - 1 answer
-    digits (the positions whose next token is an answer digit). Returns (batch, digits [B, k] as 0-9, needle start
-    positions [B] in the inputs: the position of the marker's first token)."""
+    with o = offsets[b] (in [0, S]) and value_tokens [B, k]. marker and question are 1-D id tensors (one or more
+    tokens each). Scored: the last question token and the first k - 1 answer tokens (the positions whose next token
+    is an answer token), so greedy decoding after the question reproduces the value iff every scored position is
+    right. The marker's first token sits at input position head + o (head = 1 with a BOS, else 0)."""
     B, S = haystack.shape
     marker_ids, question_ids = marker_ids.long().reshape(-1), question_ids.long().reshape(-1)
-    digit_ids = digit_ids.long().reshape(-1)
-    if digit_ids.numel() != 10:
-        raise ValueError(f"digit_ids must hold 10 token ids, got {digit_ids.numel()}")
-    if n_digits < 1:
-        raise ValueError(f"n_digits must be >= 1, got {n_digits}")
-    offsets = _needle_offsets(B, S, depth, generator)
-    digits = torch.randint(0, 10, (B, n_digits), generator=generator)
-    digit_tokens = digit_ids[digits]
-    needle = torch.cat([marker_ids.expand(B, -1), digit_tokens], dim=1)
-    answer = torch.cat([question_ids.expand(B, -1), digit_tokens], dim=1)
+    k = value_tokens.shape[1]
+    if k < 1:
+        raise ValueError("the needle's value must hold at least one token")
+    needle = torch.cat([marker_ids.expand(B, -1), value_tokens.long()], dim=1)
+    answer = torch.cat([question_ids.expand(B, -1), value_tokens.long()], dim=1)
     head = 0 if bos_id is None else 1
     n_needle = needle.shape[1]
     total = head + S + n_needle + answer.shape[1]
@@ -289,9 +282,31 @@ def insert_passkey(
     sequence[:, head + S + n_needle :] = answer
 
     scored = torch.zeros_like(sequence, dtype=torch.bool)
-    first_answer_input = total - n_digits - 1  # the last question token predicts d_1
-    scored[:, first_answer_input : total - 1] = True
-    return _split(sequence, scored), digits, head + offsets
+    scored[:, total - k - 1 : total - 1] = True  # the last question token predicts v_1
+    return _split(sequence, scored)
+
+
+def insert_passkey(
+    haystack: torch.Tensor,
+    n_digits: int,
+    depth,
+    generator: torch.Generator,
+    digit_ids: torch.Tensor,
+    marker_ids: torch.Tensor,
+    question_ids: torch.Tensor,
+    bos_id: int | None,
+) -> tuple[TaskBatch, torch.Tensor, torch.Tensor]:
+    """`insert_needle` with k = n_digits random digits (tokens digit_ids[0..9]) at o = round(depth * S) per row.
+    Returns (batch, digits [B, k] as 0-9, needle start positions [B] in the inputs: the marker's first token)."""
+    digit_ids = digit_ids.long().reshape(-1)
+    if digit_ids.numel() != 10:
+        raise ValueError(f"digit_ids must hold 10 token ids, got {digit_ids.numel()}")
+    if n_digits < 1:
+        raise ValueError(f"n_digits must be >= 1, got {n_digits}")
+    offsets = _needle_offsets(haystack.shape[0], haystack.shape[1], depth, generator)
+    digits = torch.randint(0, 10, (haystack.shape[0], n_digits), generator=generator)
+    batch = insert_needle(haystack, digit_ids[digits], offsets, marker_ids, question_ids, bos_id)
+    return batch, digits, (bos_id is not None) + offsets
 
 
 def passkey_batch(
@@ -348,6 +363,88 @@ def passkey_in_text(
         haystack, n_digits, depth, generator, torch.as_tensor(digit_ids), marker_ids, question_ids, bos_id
     )
     return batch
+
+
+# ------------------------------------------------------------------------------------- S-NIAH in text (RULER-style)
+
+
+@dataclass(frozen=True)
+class TextNeedle:
+    """A single-needle-in-a-haystack task in words, for a model with a real tokenizer (RULER's S-NIAH, generated
+    locally): the haystack is `noise` repeated ("noise") or a slice of a corpus ("corpus"); the needle is `marker`
+    followed by the answer, the prompt ends with `question` followed by the answer (scored). The answer is
+    `answer_prefix` + a random value: `value_chars` digits ("number") or an 8-4-4-4-12 lowercase hex UUID ("uuid")."""
+
+    haystack: str  # "noise" | "corpus"
+    value: str  # "number" | "uuid"
+    marker: str
+    question: str
+    answer_prefix: str = " "
+    value_chars: int = 7
+    noise: str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+TEXT_NEEDLES = {
+    "passkey": TextNeedle("noise", "number", " The pass key is", " What is the pass key? The pass key is",
+                          value_chars=5),
+    "number": TextNeedle("corpus", "number", " One of the special magic numbers is:",
+                         " What is the special magic number mentioned in the text? The special magic number is:"),
+    "uuid": TextNeedle("corpus", "uuid", " One of the special magic uuids is:",
+                       " What is the special magic uuid mentioned in the text? The special magic uuid is:"),
+}
+
+
+def random_value(kind: str, chars: int, generator: torch.Generator) -> str:
+    """A random needle value: `chars` decimal digits (the first non-zero) for "number", a UUID-shaped hex string
+    (8-4-4-4-12) for "uuid"."""
+    if kind == "number":
+        digits = torch.randint(0, 10, (chars,), generator=generator).tolist()
+        digits[0] = 1 + torch.randint(0, 9, (1,), generator=generator).item()
+        return "".join(map(str, digits))
+    if kind == "uuid":
+        hex_digits = "".join("0123456789abcdef"[i] for i in torch.randint(0, 16, (32,), generator=generator).tolist())
+        return "-".join(hex_digits[a:b] for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)))
+    raise ValueError(f"unknown needle value kind {kind!r}")
+
+
+def text_needle_batch(
+    task: TextNeedle,
+    encode,
+    corpus: torch.Tensor,
+    batch_size: int,
+    length: int,
+    depth,
+    generator: torch.Generator,
+    bos_id: int | None = None,
+) -> tuple[TaskBatch, list[str], list[int]]:
+    """`batch_size` rows of `task`, each `length` input tokens: encode(str) -> list[int] is the tokenizer; corpus
+    [N] holds token ids of real text (a "corpus" haystack is the slice from a random start, wrapping around the end
+    when the corpus is shorter than the haystack). Every row draws its own value; its answer's token count k may
+    differ between rows, the haystack fills the rest: S = length + 1 - [bos] - (marker + k) - (question + k)
+    tokens, the needle at haystack offset round(depth * S) (depth a float in [0, 1] or a (lo, hi) range).
+    Returns (batch, values, needle start positions in the inputs). ValueError when `length` cannot hold the needle."""
+    marker, question = torch.tensor(encode(task.marker)), torch.tensor(encode(task.question))
+    corpus, noise = corpus.long().reshape(-1), torch.tensor(encode(task.noise))
+    rows, values, starts = [], [], []
+    for _ in range(batch_size):
+        value = random_value(task.value, task.value_chars, generator)
+        answer = torch.tensor(encode(task.answer_prefix + value))[None, :]
+        k, head = answer.shape[1], int(bos_id is not None)
+        slots = length + 1 - head - (marker.numel() + k) - (question.numel() + k)
+        if slots < 0:
+            raise ValueError(f"length {length} is too short to hold the needle and question "
+                             f"({length - slots} tokens)")
+        if task.haystack == "noise":
+            haystack = noise[torch.arange(slots) % noise.numel()]
+        else:
+            start = torch.randint(0, corpus.numel(), (1,), generator=generator).item()
+            haystack = corpus[(start + torch.arange(slots)) % corpus.numel()]
+        offsets = _needle_offsets(1, slots, depth, generator)
+        rows.append(insert_needle(haystack[None, :], answer, offsets, marker, question, bos_id))
+        values.append(value)
+        starts.append(head + offsets.item())
+    batch = TaskBatch(*(torch.cat([getattr(r, f) for r in rows]) for f in ("inputs", "targets", "mask")))
+    return batch, values, starts
 
 
 # ------------------------------------------------------------------------------------------------------------- scorer
