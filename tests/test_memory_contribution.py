@@ -2,7 +2,8 @@
 
 import torch
 
-from pretrain.eval.memory_contribution import memory_contribution, position_buckets, position_loss, memory_learning
+from pretrain.eval.memory_contribution import memory_contribution, memory_learning
+from pretrain.eval.perplexity import position_buckets, position_loss
 from titans_parallel import ModelConfig, TitansLM
 from titans_parallel.memory import NeuralMemory
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from pretrain.eval.loading import dataset_root, load_model_and_seq_len, val_batches
+from pretrain.eval.perplexity import position_buckets, position_loss
 from titans_parallel import TitansLM
 from titans_parallel.memory import NeuralMemory
 
@@ -40,46 +39,6 @@ def memory_learning(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         for m, learning in zip(memories, saved):
             m.learning = learning
-
-
-@dataclass
-class PositionLoss:
-    """Summed next-token loss and counts per position [T] (float64), over every sequence seen."""
-
-    total: torch.Tensor
-    count: torch.Tensor
-
-    def mean(self, start: int = 0, end: int | None = None) -> float:
-        count = self.count[start:end].sum().item()
-        return self.total[start:end].sum().item() / count if count else math.nan
-
-
-@torch.no_grad()
-def position_loss(model: TitansLM, batches: Iterable[torch.Tensor]) -> PositionLoss:
-    """Per-position cross-entropy of `model` over token batches [B, T + 1] (inputs = [:, :-1], labels = [:, 1:])."""
-    total = count = None
-    for tokens in batches:
-        logits = model(tokens[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").double()
-        if total is None:
-            total, count = torch.zeros(losses.shape[1], dtype=torch.float64), torch.zeros(losses.shape[1])
-        total += losses.sum(0)
-        count += losses.shape[0]
-    if total is None:
-        raise ValueError("no batches to evaluate")
-    return PositionLoss(total, count.double())
-
-
-def position_buckets(seq_len: int, window: int) -> list[tuple[str, int, int]]:
-    """(label, start, end) rows: within the first window, doubling spans after it, beyond the window, all."""
-    rows, start, end = [], 0, min(window, seq_len)
-    while start < seq_len:
-        rows.append((f"{start}-{end - 1}", start, end))
-        start, end = end, min(2 * end, seq_len)
-    if window < seq_len:
-        rows.append((f"beyond the window (>= {window})", window, seq_len))
-    rows.append(("all positions", 0, seq_len))
-    return rows
 
 
 def memory_contribution(model: TitansLM, batches: list[torch.Tensor]) -> list[dict]:
@@ -102,31 +61,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_model_and_seq_len(path: str | Path) -> tuple[TitansLM, int | None]:
-    """A model from a safetensors export folder or a DeepSpeed checkpoint, in eval mode on the CPU, and the
-    training seq_len when the checkpoint records it."""
-    from pretrain.checkpoint_io import build_model, load_consolidated
-    from pretrain.convert import load_model
-    from titans_parallel.config import ModelConfig
-    from titans_parallel.typed_config import from_mapping
-
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return load_model(path), None
-    state, config, _ = load_consolidated(path, progress=False)
-    model = build_model(from_mapping(ModelConfig, config["model"]), state).eval()
-    return model, config["data"]["seq_len"]
-
-
-def val_batches(root: str | Path, seq_len: int, vocab_size: int, batch_size: int, n: int) -> list[torch.Tensor]:
-    """The first n batches [batch_size, seq_len + 1] of a prepared dataset's val split, in file order."""
-    from pretrain.data import build_loader
-
-    loader = build_loader(root, batch_size=batch_size, dp_rank=0, dp_size=1, split="val", seq_len=seq_len,
-                          vocab_size=vocab_size, shuffle=False, epochs=1)
-    return [tokens for _, tokens in zip(range(n), loader)]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder / tag, or a safetensors export folder")
@@ -140,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     seq_len = args.seq_len or trained_seq_len
     if seq_len is None:
         parser.error("--seq-len is needed for an export (it does not record the training length)")
-    root = args.data
-    if root is None:
-        from pretrain.data.default import default_dataset_dir, prepare_default_dataset
-
-        prepare_default_dataset(vocab_size=model.config.vocab_size, seq_len=seq_len, progress=False)
-        root = default_dataset_dir(model.config.vocab_size, seq_len)
+    root = dataset_root(args.data, model.config.vocab_size, seq_len)
     batches = val_batches(root, seq_len, model.config.vocab_size, args.batch_size, args.batches)
     rows = memory_contribution(model, batches)
     print(f"{args.model}: {len(batches)} val batches of {args.batch_size} x {seq_len} tokens from {root}")
