@@ -372,7 +372,8 @@ def passkey_in_text(
 class TextNeedle:
     """A single-needle-in-a-haystack task in words, for a model with a real tokenizer (RULER's S-NIAH, generated
     locally): the haystack is `noise` repeated ("noise") or a slice of a corpus ("corpus"); the needle is `marker`
-    followed by the answer, the prompt ends with `question` followed by the answer (scored). The answer is
+    followed by the answer, the prompt ends with `question` (which ends with the marker's words) followed by the
+    answer (scored). The answer is
     `answer_prefix` + a random value: `value_chars` digits ("number") or an 8-4-4-4-12 lowercase hex UUID ("uuid")."""
 
     haystack: str  # "noise" | "corpus"
@@ -387,9 +388,9 @@ class TextNeedle:
 TEXT_NEEDLES = {
     "passkey": TextNeedle("noise", "number", " The pass key is", " What is the pass key? The pass key is",
                           value_chars=5),
-    "number": TextNeedle("corpus", "number", " One of the special magic numbers is:",
+    "number": TextNeedle("corpus", "number", " The special magic number is:",
                          " What is the special magic number mentioned in the text? The special magic number is:"),
-    "uuid": TextNeedle("corpus", "uuid", " One of the special magic uuids is:",
+    "uuid": TextNeedle("corpus", "uuid", " The special magic uuid is:",
                        " What is the special magic uuid mentioned in the text? The special magic uuid is:"),
 }
 
