@@ -1,0 +1,209 @@
+"""Evaluate a trained Titans LM: held-out perplexity by context length and position, S-NIAH recall (passkey in
+noise, a number and a UUID hidden in real text) by length and needle depth, with the memory's test-time learning
+on and, with --memory-off-too, off beside it.
+
+    python -m pretrain.evaluate --model runs/tiny_cpu/checkpoints --out runs/tiny_cpu/eval [--memory-off-too]
+
+`--model` is a DeepSpeed checkpoint (folder or tag, any ZeRO stage / TP degree) or a safetensors export
+(`pretrain.convert --format safetensors`; give `--seq-len`). `--data` is a prepared dataset (default: the embedded
+one at the model's vocabulary and seq_len); its val split is the held-out text and the needles' haystack, its
+tokenizer writes the needles. Lengths beyond the dataset's seq_len join consecutive val samples (continuous text).
+Every sequence is read in pieces of `--stream-chunk` tokens through the model's carried state, so any length fits.
+A needle row starts with the tokenizer's eos (the document boundary the model saw in training).
+
+Output: tables on stdout; with --out, `results.json` (every figure; a non-finite number is written as null) and one
+heatmap per task and learning mode, `niah_<task>_<on|off>.png` (columns: length, rows: depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pretrain.eval.heatmap import write_heatmap
+from pretrain.eval.loading import dataset_root, dataset_tokenizer, load_model_and_seq_len, val_stream
+from pretrain.eval.memory_contribution import memory_learning
+from pretrain.eval.niah import format_niah, niah_sweep
+from pretrain.eval.perplexity import length_report, length_rows
+from pretrain.eval.tasks import TEXT_NEEDLES, text_needle_batch
+
+
+def int_list(text: str) -> list[int]:
+    """'128,256' -> [128, 256]: positive integers, comma-separated."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def depth_list(text: str) -> list[float]:
+    """'0,50,100' -> [0.0, 50.0, 100.0]: needle depths in percent, each in [0, 100]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v <= 100]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"depths are percentages in [0, 100], got {text!r}")
+    return sorted(set(values))
+
+
+def task_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in TEXT_NEEDLES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"tasks are among {sorted(TEXT_NEEDLES)}, got {text!r}")
+    return names
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are the one line `evaluate: error: <message>` (exit status 2), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = OneLineParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder / tag, or a safetensors export folder")
+    p.add_argument("--data", default=None, help="prepared dataset (default: the embedded one)")
+    p.add_argument("--seq-len", type=int, default=None, help="training length (default: the checkpoint's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip", choices=("perplexity", "niah"), action="append", default=[], help="leave a part out")
+    p.add_argument("--lengths", type=int_list, default=None,
+                   help="perplexity context lengths (default: seq_len x 1/2, 1, 2, 4)")
+    p.add_argument("--samples", type=int, default=8, help="sequences per perplexity length")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--stream-chunk", type=int, default=None, help="tokens per model call (default: seq_len)")
+    p.add_argument("--niah-tasks", type=task_list, default=list(TEXT_NEEDLES))
+    p.add_argument("--niah-lengths", type=int_list, default=None,
+                   help="S-NIAH context lengths (default: window x 1, 2, 4, 8, 16, those that hold the needle)")
+    p.add_argument("--depths", type=depth_list, default=[0.0, 25.0, 50.0, 75.0, 100.0], help="needle depths, %%")
+    p.add_argument("--niah-samples", type=int, default=8, help="rows per S-NIAH cell")
+    p.add_argument("--memory-off-too", action="store_true", help="also run every part with test-time learning off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for results.json and the heatmaps")
+    args = p.parse_args(argv)
+    for flag in ("samples", "batch_size", "stream_chunk", "niah_samples", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
+    return p, args
+
+
+def finite(obj):
+    """obj with every non-finite float replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def fitting_lengths(lengths: list[int], tasks: list[str], encode, eos: int) -> tuple[list[int], list[int]]:
+    """(lengths that hold every task's needle and question, those that do not), by building one row of each."""
+    fit, short = [], []
+    for length in lengths:
+        try:
+            for task in tasks:
+                text_needle_batch(TEXT_NEEDLES[task], encode, torch.zeros(1, dtype=torch.long), 1, length, 0.5,
+                                  torch.Generator().manual_seed(0), eos)
+            fit.append(length)
+        except ValueError:
+            short.append(length)
+    return fit, short
+
+
+def perplexity_part(model, stream: torch.Tensor, args, modes: list[bool]) -> list[dict]:
+    reports = []
+    for length in args.lengths:
+        rows = length_rows(stream, length, args.samples)
+        for learning in modes:
+            with memory_learning(model, learning):
+                report = length_report(model, rows, args.batch_size, args.stream_chunk)
+            reports.append(dict(report, learning="on" if learning else "off"))
+    return reports
+
+
+def format_perplexity(reports: list[dict], seq_len: int) -> str:
+    """Per length: loss and perplexity (learning on [/ off]), then loss by position bucket side by side."""
+    modes = list(dict.fromkeys(r["learning"] for r in reports))
+    by = {(r["length"], r["learning"]): r for r in reports}
+    lengths = sorted({r["length"] for r in reports})
+    head = "".join(f"{'loss ' + m:>11s}{'ppl ' + m:>10s}" for m in modes)
+    lines = [f"held-out perplexity by context length (trained at {seq_len}):", f"{'length':>8s}{'seqs':>6s}" + head]
+    for n in lengths:
+        cols = "".join(f"{by[n, m]['loss']:11.4f}{by[n, m]['ppl']:10.2f}" for m in modes)
+        lines.append(f"{n:8d}{by[n, modes[0]]['sequences']:6d}" + cols + ("  beyond training" if n > seq_len else ""))
+    for n in lengths:
+        lines.append(f"loss by position at length {n} (learning {' / '.join(modes)}):")
+        buckets = zip(*(by[n, m]["by_position"] for m in modes))
+        for row in buckets:
+            lines.append(f"  {row[0]['positions']:32s}" + "".join(f"{b['loss']:9.4f}" for b in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    model, trained_seq_len = load_model_and_seq_len(args.model)
+    seq_len = args.seq_len or trained_seq_len
+    if seq_len is None:
+        parser.error("--seq-len is needed for an export (it does not record the training length)")
+    model = model.to(args.device)
+    window = model.config.window
+    args.lengths = args.lengths or sorted({max(1, seq_len // 2), seq_len, 2 * seq_len, 4 * seq_len})
+    args.stream_chunk = args.stream_chunk or seq_len
+    root = dataset_root(args.data, model.config.vocab_size, seq_len)
+    stream = val_stream(root, model.config.vocab_size)
+    modes = [True, False] if args.memory_off_too else [True]
+    results = dict(model=str(args.model), dataset=str(root), seq_len=seq_len, window=window,
+                   stream_chunk=args.stream_chunk, device=args.device)
+    print(f"{args.model}: window {window}, trained at seq_len {seq_len}; val split of {root} "
+          f"({stream.numel():,} tokens); pieces of {args.stream_chunk} tokens on {args.device}")
+    if "perplexity" not in args.skip:
+        too_long = [n for n in args.lengths if n + 1 > stream.numel()]
+        if too_long:
+            parser.error(f"argument --lengths: {too_long[0]} needs {too_long[0] + 1} val tokens; "
+                         f"the val split of {root} holds {stream.numel()}")
+        results["perplexity"] = perplexity_part(model, stream, args, modes)
+        print(format_perplexity(results["perplexity"], seq_len))
+    if "niah" not in args.skip:
+        sp = dataset_tokenizer(root)
+        encode, eos = sp.encode, sp.eos_id()
+        lengths, short = fitting_lengths(args.niah_lengths or [window * f for f in (1, 2, 4, 8, 16)],
+                                         args.niah_tasks, encode, eos)
+        if short and args.niah_lengths:
+            parser.error(f"argument --niah-lengths: {short[0]} is too short to hold a needle and its question")
+        if not lengths:
+            parser.error("argument --niah-lengths: no default length holds a needle; give longer ones")
+        results["niah"] = niah_sweep(model, encode, stream, args.niah_tasks, lengths, args.depths, args.niah_samples,
+                                     args.batch_size, args.stream_chunk, args.memory_off_too, args.seed, eos)
+        print(format_niah(results["niah"]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(finite(results), indent=1, allow_nan=False))
+        for task in args.niah_tasks if "niah" in results else []:
+            for learning in ("on", "off") if args.memory_off_too else ("on",):
+                cells = {(c["depth"], c["length"]): c["accuracy"] for c in results["niah"]
+                         if c["task"] == task and c["learning"] == learning}
+                write_heatmap(out / f"niah_{task}_{learning}.png", cells,
+                              f"S-NIAH {task}, test-time learning {learning}: exact accuracy (%)")
+        print(f"wrote {out / 'results.json'} and the heatmaps in {out}")
+
+
+if __name__ == "__main__":
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.data import ManifestError
+    from titans_parallel.typed_config import ConfigError, run_cli
+
+    run_cli(main, errors=(CheckpointError, ConfigError, FileNotFoundError, ManifestError), prog="evaluate")
