@@ -98,6 +98,27 @@ class ScheduleConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """An S-NIAH task (`pretrain.eval.tasks.TEXT_NEEDLES`) scored at every validation: exact accuracy over
+    `samples` rows at each needle depth (percent) in `length` tokens of the val split's text, the same rows each
+    time; logged as `<task>@<length>`."""
+
+    task: Literal["passkey", "number", "uuid"] = "passkey"
+    length: int = 256
+    depths: list[float] = field(default_factory=lambda: [0.0, 50.0, 100.0])
+    samples: int = 4
+
+    def __post_init__(self):
+        _at_least(self, 1, "length", "samples")
+        check(bool(self.depths) and all(0 <= d <= 100 for d in self.depths), "depths",
+              f"must be percentages in [0, 100], got {self.depths}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}@{self.length}"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300
     micro_batch_size: int = 8  # sequences per rank per micro-step
@@ -107,6 +128,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100  # 0: never
     eval_batches: int = 4
+    eval_tasks: list[EvalTaskConfig] = field(default_factory=list)  # scored with each validation (needs the loader)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss/grad norm: stop (exit 1) or skip that update
     max_skipped_steps: int = 10  # on_nonfinite=skip: stop at the first bad step beyond this many skipped ones
 
@@ -156,6 +178,10 @@ class JobConfig:
             raise ValueError(f"parallel.tp={self.parallel.tp} does not divide model.vocab_size={self.model.vocab_size}")
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
             raise ValueError(f"sequence parallel needs data.seq_len={self.data.seq_len} divisible by tp={self.parallel.tp}")
+        for i, task in enumerate(self.train.eval_tasks):
+            check(not self.parallel.sequence_parallel or task.length % self.parallel.tp == 0,
+                  f"train.eval_tasks[{i}].length", f"sequence parallel needs it divisible by tp={self.parallel.tp}, "
+                  f"got {task.length}")
 
 
 def load_job_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     args.lengths = args.lengths or sorted({max(1, seq_len // 2), seq_len, 2 * seq_len, 4 * seq_len})
     args.stream_chunk = args.stream_chunk or seq_len
     root = dataset_root(args.data, model.config.vocab_size, seq_len)
-    stream = val_stream(root, model.config.vocab_size)
+    niah_lengths = args.niah_lengths or [window * f for f in (1, 2, 4, 8, 16)]
+    needed = max(args.samples * (max(args.lengths) + 1), max(niah_lengths))  # a big val split is not read whole
+    stream = val_stream(root, model.config.vocab_size, needed)
     modes = [True, False] if args.memory_off_too else [True]
     results = dict(model=str(args.model), dataset=str(root), seq_len=seq_len, window=window,
                    stream_chunk=args.stream_chunk, device=args.device)
@@ -179,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if "niah" not in args.skip:
         sp = dataset_tokenizer(root)
         encode, eos = sp.encode, sp.eos_id()
-        lengths, short = fitting_lengths(args.niah_lengths or [window * f for f in (1, 2, 4, 8, 16)],
-                                         args.niah_tasks, encode, eos)
+        lengths, short = fitting_lengths(niah_lengths, args.niah_tasks, encode, eos)
         if short and args.niah_lengths:
             parser.error(f"argument --niah-lengths: {short[0]} is too short to hold a needle and its question")
         if not lengths:

@@ -3,8 +3,9 @@ how it goes (a line every `logging.every` steps, a progress bar on a terminal an
 otherwise, validation, checkpoint lines; TensorBoard and a strict-JSON metrics file), and how it ended.
 
 The metrics file holds one JSON object per line: `{"step", "loss", "lr", "grad_norm", "tokens_per_s",
-"peak_mem_gib"[, "mfu"]}` per step and `{"step", "val_loss", "val_ppl"}` per evaluation; a non-finite value is
-written as null (the file stays valid JSON).
+"peak_mem_gib"[, "mfu"]}` per step and `{"step", "val_loss", "val_ppl"[, "tasks": {"<task>@<length>": exact
+accuracy}]}` per evaluation (`train.eval_tasks`); a non-finite value is written as null (the file stays strict
+JSON: no bare NaN or Infinity).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ RESOLVED_CONFIG = "resolved_config.yaml"  # beside the checkpoints: `--config` o
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    """record (nested dicts too) with every non-finite float as None."""
+    return {k: _strict(v) if isinstance(v, dict) else _finite(v) if isinstance(v, float) else v
+            for k, v in record.items()}
 
 
 def _duration(seconds: float) -> str:
@@ -141,8 +148,7 @@ class Monitor:
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
-            clean = {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}
-            self.metrics.write(json.dumps(clean, allow_nan=False) + "\n")
+            self.metrics.write(json.dumps(_strict(record), allow_nan=False) + "\n")
             self.metrics.flush()
 
     def _progress(self, done: int) -> str:
@@ -179,16 +185,20 @@ class Monitor:
                 self.writer.add_scalar(f"train/{name}", value, step + 1)
         self._record({"step": step + 1, **scalars})
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, tasks: dict[str, float] | None = None) -> None:
+        """Validation loss and perplexity, and the exact accuracy of each `train.eval_tasks` entry by name."""
         if not self.enabled:
             return
         ppl = math.exp(loss) if loss < 700 else math.inf  # nan stays nan
         self.last_val = (step, loss)
-        self._print(f"step {step} val_loss {loss:.4f} val_ppl {ppl:.2f}")
+        accuracies = "".join(f" {name} {acc:.3f}" for name, acc in (tasks or {}).items())
+        self._print(f"step {step} val_loss {loss:.4f} val_ppl {ppl:.2f}{accuracies}")
         if self.writer is not None:
             self.writer.add_scalar("val/loss", loss, step)
             self.writer.add_scalar("val/ppl", ppl, step)
-        self._record({"step": step, "val_loss": loss, "val_ppl": ppl})
+            for name, acc in (tasks or {}).items():
+                self.writer.add_scalar(f"val/{name}", acc, step)
+        self._record({"step": step, "val_loss": loss, "val_ppl": ppl, **({"tasks": tasks} if tasks else {})})
 
     def checkpoint(self, tag_dir: Path, seconds: float) -> None:
         if self.enabled:

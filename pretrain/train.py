@@ -4,7 +4,8 @@
     python pretrain/train.py --config ...        # one process, no launcher
 
 Rank 0 logs loss, lr, grad norm, tokens/s, MFU and peak memory (stdout, a progress bar, TensorBoard, a JSONL
-metrics file), evaluates validation loss/perplexity every `train.eval_every` steps and writes sharded checkpoints
+metrics file), evaluates validation loss/perplexity and the S-NIAH accuracies of `train.eval_tasks` every
+`train.eval_every` steps and writes sharded checkpoints
 (`pretrain/checkpoint.py`) every `checkpoint.every` steps, at the end, and on SIGTERM/SIGUSR1 (preemption) before
 exiting. A run whose checkpoint.dir has a `latest` resumes from it (the newest sound older checkpoint when that one
 is damaged, with a warning); `--resume-from PATH` names one; `--reset-data-position` reads the data from its
@@ -41,6 +42,8 @@ import torch.distributed as dist
 
 from pretrain import checkpoint
 from pretrain.config import JobConfig, deepspeed_config, load_job_config, run_cli
+from pretrain.eval.niah import fixed_task_batches
+from pretrain.eval.tasks import TaskBatch, score
 from pretrain.flops import device_peak_flops, flops_per_token, parameter_counts
 from pretrain.monitor import Monitor, dataset_line, startup_lines
 from pretrain.optim import build_optimizer
@@ -59,6 +62,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean over micro-batches and DP ranks, per step run here
     grad_norms: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
+    task_accuracies: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> {"passkey@256": exact acc}
     tokens_per_second: float = 0.0
     preempted: bool = False  # stopped early by SIGTERM/SIGUSR1 after writing a checkpoint
     skipped_steps: list[int] = field(default_factory=list)  # non-finite steps whose update was skipped
@@ -210,8 +214,10 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
     if config.train.zero_stage == 3:
         _register_mixer_parameters(engine.module, deepspeed)
     loader = val_root = None
+    eval_tasks = {}
     if batches is None:
         loader, val_root = _build_loader(config, dims)
+        eval_tasks = fixed_task_batches(config.train.eval_tasks, val_root, config.model.vocab_size, config.train.seed)
     first_step = 0
     if resume is not None:
         first_step = _load(engine, resume, loader, scheduler, recipe_groups)
@@ -267,7 +273,8 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
                         f"of train.max_skipped_steps={train_cfg.max_skipped_steps})")
         if val_root is not None and train_cfg.eval_every and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
             result.val_losses[done] = _evaluate(engine, config, dims, val_root)
-            log.validation(done, result.val_losses[done])
+            result.task_accuracies[done] = _evaluate_tasks(engine, eval_tasks)
+            log.validation(done, result.val_losses[done], result.task_accuracies[done])
         preempted = stop.agreed(engine.device)
         if preempted or config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
             rank_state = {"data": loader.state_dict() if loader is not None else None}
@@ -478,6 +485,21 @@ def _evaluate(engine, config: JobConfig, dims, root) -> float:
     dist.all_reduce(total, group=dims.dp_group)
     dist.all_reduce(count, group=dims.dp_group)
     return (total / count.clamp_min(1)).item()
+
+
+@torch.no_grad()
+def _evaluate_tasks(engine, tasks: dict[str, list[TaskBatch]]) -> dict[str, float]:
+    """Exact accuracy of each `train.eval_tasks` entry on its fixed rows. Every rank runs the same rows through
+    the engine (one-shot forward: TP gathers the logits, ZeRO-3 its parameters, in the same order everywhere), so
+    every rank gets the same figures without a further collective."""
+    engine.eval()
+    accuracies = {}
+    for name, batches in tasks.items():
+        exact = [score(engine(b.inputs.to(engine.device)), b.targets.to(engine.device), b.mask.to(engine.device)).exact
+                 for b in batches]
+        accuracies[name] = torch.cat(exact).float().mean().item()
+    engine.train()
+    return accuracies
 
 
 if __name__ == "__main__":

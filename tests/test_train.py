@@ -1,7 +1,9 @@
 """The training job: config errors, derived DeepSpeed config, schedule, decay groups, and multi-rank equivalences
 (ZeRO stages, DP vs gradient accumulation, TP x DP) on gloo ranks with the real DeepSpeed engine."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -151,3 +153,67 @@ def test_tensor_parallel_times_data_parallel_trains_like_data_parallel(tmp_path)
     for a, b in zip(tp2[0]["losses"], tp1["losses"]):
         assert abs(a - b) <= 1e-4 * abs(b), (tp2[0]["losses"], tp1["losses"])
     assert tp2[0]["losses"][-1] < tp2[0]["losses"][0]
+
+
+@pytest.mark.parametrize(
+    "tasks,message",
+    [
+        ("[{task: kv, length: 64}]", "train.eval_tasks[0].task: 'kv' is not one of"),
+        ("[{task: passkey, depths: [0, 120]}]", "train.eval_tasks[0].depths: must be percentages in [0, 100]"),
+        ("[{task: uuid, length: 0}]", "train.eval_tasks[0].length: must be >= 1"),
+        ("[{task: uuid, lenght: 64}]", "unknown key 'train.eval_tasks[0].lenght'"),
+    ],
+)
+def test_bad_eval_tasks_name_the_key(tasks, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_job_config("configs/train/tiny_cpu.yaml", [f"train.eval_tasks={tasks}"])
+
+
+def test_eval_tasks_under_sequence_parallel_need_a_divisible_length():
+    overrides = ["parallel.tp=2", "parallel.sequence_parallel=true", "train.eval_tasks=[{length: 255}]"]
+    with pytest.raises(ConfigError, match=re.escape("train.eval_tasks[0].length: sequence parallel needs it "
+                                                    "divisible by tp=2, got 255")):
+        load_job_config("configs/train/tiny_cpu.yaml", overrides)
+
+
+def test_an_eval_task_too_short_for_its_needle_names_the_key(small_dataset):
+    from pretrain.config import EvalTaskConfig
+    from pretrain.eval.niah import fixed_task_batches
+
+    ok = fixed_task_batches([EvalTaskConfig("passkey", 96, [0.0, 100.0], 3)], small_dataset, 512, 0)
+    assert [b.inputs.shape for b in ok["passkey@96"]] == [(3, 96), (3, 96)]
+    with pytest.raises(ConfigError, match=re.escape("train.eval_tasks[1].length: length 30 is too short")):
+        fixed_task_batches([EvalTaskConfig("passkey", 96), EvalTaskConfig("uuid", 30)], small_dataset, 512, 0)
+
+
+def _tiny_run_on_data(rank: int, world_size: int, sections: dict) -> dict:
+    from pretrain.train import train
+
+    result = train(job(**sections))
+    return {"val_losses": result.val_losses, "tasks": result.task_accuracies}
+
+
+def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, small_dataset):
+    """A tiny run on real data: every metrics line parses as strict JSON; validation lines carry val_loss,
+    val_ppl and the eval_tasks' accuracies; TensorBoard gets the val perplexity."""
+    sections = {"model": {"vocab_size": 512}, "data": {"path": str(small_dataset), "seq_len": 64},
+                "train": {"steps": 4, "eval_every": 2, "eval_batches": 1,
+                          "eval_tasks": [{"task": "passkey", "length": 96, "depths": [0.0, 100.0], "samples": 2}]},
+                "checkpoint": {"dir": str(tmp_path / "ckpt")},
+                "logging": {"metrics_file": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb")}}
+    result = run_ranks(1, _tiny_run_on_data, sections, timeout=300)[0]
+
+    def refuse(name):
+        raise ValueError(f"bare {name}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    for r in val:
+        assert r["val_loss"] == pytest.approx(result["val_losses"][r["step"]])
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["tasks"] == result["tasks"][r["step"]] and 0 <= r["tasks"]["passkey@96"] <= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"val/ppl", "val/passkey@96"} <= set(events.Tags()["scalars"])

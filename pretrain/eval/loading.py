@@ -45,18 +45,21 @@ def val_batches(root: str | Path, seq_len: int, vocab_size: int, batch_size: int
     return [tokens for _, tokens in zip(range(n), loader)]
 
 
-def val_stream(root: str | Path, vocab_size: int) -> torch.Tensor:
-    """The whole val split as one token stream [N] (int64): its samples in file order, joined end to end. The
-    shards pack one text stream (documents joined by eos) into consecutive samples without overlap, so the join is
-    the original text; cutting it anew gives sequences of any length, also beyond the dataset's seq_len."""
+def val_stream(root: str | Path, vocab_size: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The val split as one token stream [N] (int64): its samples in file order, joined end to end (the first
+    samples holding at least max_tokens tokens, or all of them). The shards pack one text stream (documents joined
+    by eos) into consecutive samples without overlap, so the join is the original text; cutting it anew gives
+    sequences of any length, also beyond the dataset's seq_len."""
     from pretrain.data import read_manifest
 
     manifest = read_manifest(root)
-    if "val" not in manifest["splits"]:
+    if "val" not in manifest["splits"] or not manifest["splits"]["val"]["samples"]:
         raise FileNotFoundError(f"{root}: the dataset has no val split")
+    sample_len = manifest["seq_len"] + 1
     samples = manifest["splits"]["val"]["samples"]
-    seq_len = manifest["seq_len"]
-    (tokens,) = val_batches(root, seq_len, vocab_size, samples, 1)
+    if max_tokens is not None:
+        samples = min(samples, -(-max_tokens // sample_len))
+    (tokens,) = val_batches(root, manifest["seq_len"], vocab_size, samples, 1)
     return tokens.reshape(-1)
 
 

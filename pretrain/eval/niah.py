@@ -39,6 +39,45 @@ def cell_generator(seed: int, task: str, length: int, depth: float) -> torch.Gen
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{task}/{length}/{depth}".encode()))
 
 
+def cell_batches(
+    task: str,
+    length: int,
+    depth: float,
+    samples: int,
+    batch_size: int,
+    encode: Callable[[str], list[int]],
+    corpus: torch.Tensor,
+    seed: int = 0,
+    bos_id: int | None = None,
+) -> list[TaskBatch]:
+    """The `samples` rows of one cell (depth in percent), in batches of at most batch_size rows."""
+    generator = cell_generator(seed, task, length, depth)
+    return [text_needle_batch(TEXT_NEEDLES[task], encode, corpus, min(batch_size, samples - done), length,
+                              depth / 100, generator, bos_id)[0]
+            for done in range(0, samples, batch_size)]
+
+
+def fixed_task_batches(tasks: list, root, vocab_size: int, seed: int) -> dict[str, list[TaskBatch]]:
+    """The rows of each `EvalTaskConfig` (all its depths, `samples` rows each) from the dataset at `root`: its
+    tokenizer and val text; the same rows on every call. ConfigError naming train.eval_tasks[i].length when a
+    length cannot hold the needle."""
+    from pretrain.eval.loading import dataset_tokenizer, val_stream
+    from titans_parallel.typed_config import ConfigError
+
+    if not tasks:
+        return {}
+    sp = dataset_tokenizer(root)
+    corpus = val_stream(root, vocab_size, max(t.length for t in tasks))
+    batches = {}
+    for i, t in enumerate(tasks):
+        try:
+            batches[t.name] = [b for depth in t.depths for b in cell_batches(
+                t.task, t.length, depth, t.samples, t.samples, sp.encode, corpus, seed, sp.eos_id())]
+        except ValueError as e:
+            raise ConfigError(f"train.eval_tasks[{i}].length: {e}") from None
+    return batches
+
+
 def niah_sweep(
     model: TitansLM,
     encode: Callable[[str], list[int]],
@@ -62,10 +101,7 @@ def niah_sweep(
     for task in tasks:
         for length in lengths:
             for depth in depths:
-                generator = cell_generator(seed, task, length, depth)
-                batches = [text_needle_batch(TEXT_NEEDLES[task], encode, corpus, min(batch_size, samples - done),
-                                             length, depth / 100, generator, bos_id)[0]
-                           for done in range(0, samples, batch_size)]
+                batches = cell_batches(task, length, depth, samples, batch_size, encode, corpus, seed, bos_id)
                 for learning in modes:
                     with memory_learning(model, learning):
                         scores = [answer_score(model, b, chunk) for b in batches]
