@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"argument --niah-lengths: {short[0]} is too short to hold a needle and its question")
         if not lengths:
             parser.error("argument --niah-lengths: no default length holds a needle; give longer ones")
+        if short:
+            print(f"S-NIAH: default lengths {short} are too short for a needle and its question, left out")
         results["niah"] = niah_sweep(model, encode, stream, args.niah_tasks, lengths, args.depths, args.niah_samples,
                                      args.batch_size, args.stream_chunk, args.memory_off_too, args.seed, eos)
         print(format_niah(results["niah"]))

@@ -32,7 +32,7 @@ def test_a_run_writes_every_figure(export, small_dataset, tmp_path, capsys):
           "--samples", "2", "--stream-chunk", "48", "--niah-lengths", "192,256", "--depths", "0,100",
           "--niah-samples", "2", "--memory-off-too", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "beyond training" in out and "S-NIAH uuid, test-time learning off" in out
+    assert "beyond training" in out and "S-NIAH uuid, test-time learning off" in out and "\n tokens " in out
     results = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)
     ppl = {(r["length"], r["learning"]): r for r in results["perplexity"]}
     assert set(ppl) == {(n, m) for n in (32, 64, 160) for m in ("on", "off")}

@@ -117,7 +117,8 @@ def niah_sweep(
 
 
 def format_niah(cells: list[dict]) -> str:
-    """One accuracy table (rows: depth %, columns: length; exact accuracy in %) per task and learning mode."""
+    """One accuracy table (rows: depth %, columns: length; exact accuracy in %) per task and learning mode, with
+    the mean over depths of the exact and of the per-token accuracy (answer tokens right) below."""
     out = []
     for task in dict.fromkeys(c["task"] for c in cells):
         for learning in dict.fromkeys(c["learning"] for c in cells):
@@ -128,6 +129,8 @@ def format_niah(cells: list[dict]) -> str:
             out.append(f"{'depth':>7s}" + "".join(f"{n:>8d}" for n in lengths))
             for depth in sorted({c["depth"] for c in mine}):
                 out.append(f"{depth:>6g}%" + "".join(f"{100 * acc[depth, n]:8.0f}" for n in lengths))
-            mean = [sum(acc[d, n] for d, m in acc if m == n) / sum(1 for _, m in acc if m == n) for n in lengths]
-            out.append(f"{'mean':>7s}" + "".join(f"{100 * a:8.0f}" for a in mean))
+            for label, key in (("mean", "accuracy"), ("tokens", "token_accuracy")):
+                means = [sum(c[key] for c in mine if c["length"] == n) / sum(c["length"] == n for c in mine)
+                         for n in lengths]
+                out.append(f"{label:>7s}" + "".join(f"{100 * a:8.0f}" for a in means))
     return "\n".join(out)
