@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -20,6 +22,9 @@ from pretrain.eval.memory_contribution import memory_learning
 from pretrain.eval.streaming import stream_logits
 from pretrain.eval.tasks import TEXT_NEEDLES, Score, TaskBatch, score, text_needle_batch
 from titans_parallel import TitansLM
+
+if TYPE_CHECKING:
+    from pretrain.config import EvalTaskConfig
 
 
 def answer_score(model: TitansLM, batch: TaskBatch, chunk: int | None = None) -> Score:
@@ -57,7 +62,8 @@ def cell_batches(
             for done in range(0, samples, batch_size)]
 
 
-def fixed_task_batches(tasks: list, root, vocab_size: int, seed: int) -> dict[str, list[TaskBatch]]:
+def fixed_task_batches(tasks: list[EvalTaskConfig], root: str | Path, vocab_size: int,
+                       seed: int) -> dict[str, list[TaskBatch]]:
     """The rows of each `EvalTaskConfig` (all its depths, `samples` rows each) from the dataset at `root`: its
     tokenizer and val text; the same rows on every call. ConfigError naming train.eval_tasks[i].length when a
     length cannot hold the needle."""

@@ -1,7 +1,9 @@
-"""Synthetic recall tasks, generated locally (no downloads): MQAR and passkey, plus their scorer.
+"""Recall tasks, generated locally (no downloads): MQAR and passkey on synthetic vocabularies, RULER-style S-NIAH
+in text (`TEXT_NEEDLES`: passkey in repeated noise, a number or a UUID in real text), plus their scorer.
 
 One definition of each task, shared by the recall benchmark (`bench/recall.py`, trained from scratch on the synthetic
-vocabulary) and the evaluation (passkey hidden in real text, `passkey_in_text`). Every generator takes a seeded
+vocabulary), the evaluation (`pretrain.evaluate`, `text_needle_batch` with the dataset's tokenizer) and the
+training job's `train.eval_tasks`. Every generator takes a seeded
 `torch.Generator` (no global RNG) and returns a `TaskBatch`:
 
 - `inputs`  [B, T] int64: what the model reads;
@@ -19,6 +21,7 @@ SWA-only model's reach when it lies more than L * (W - 1) tokens before the posi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -410,7 +413,7 @@ def random_value(kind: str, chars: int, generator: torch.Generator) -> str:
 
 def text_needle_batch(
     task: TextNeedle,
-    encode,
+    encode: Callable[[str], list[int]],
     corpus: torch.Tensor,
     batch_size: int,
     length: int,
