@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pretrain.eval.heatmap import write_heatmap
 from pretrain.eval.loading import dataset_root, dataset_tokenizer, load_model_and_seq_len, val_stream
@@ -124,13 +125,17 @@ def fitting_lengths(lengths: list[int], tasks: list[str], encode, eos: int) -> t
 
 
 def perplexity_part(model, stream: torch.Tensor, args, modes: list[bool]) -> list[dict]:
+    """`length_report` of every --lengths entry, learning on (and off), with "learning" added to each."""
     reports = []
+    bar = tqdm(total=len(args.lengths) * len(modes), desc="perplexity", unit="length", leave=False)
     for length in args.lengths:
         rows = length_rows(stream, length, args.samples)
         for learning in modes:
             with memory_learning(model, learning):
                 report = length_report(model, rows, args.batch_size, args.stream_chunk)
             reports.append(dict(report, learning="on" if learning else "off"))
+            bar.update(1)
+    bar.close()
     return reports
 
 
