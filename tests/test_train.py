@@ -197,7 +197,7 @@ def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, s
     """A tiny run on real data: every metrics line parses as strict JSON; validation lines carry val_loss,
     val_ppl and the eval_tasks' accuracies; TensorBoard gets the val perplexity."""
     sections = {"model": {"vocab_size": 512}, "data": {"path": str(small_dataset), "seq_len": 64},
-                "train": {"steps": 4, "eval_every": 2, "eval_batches": 1,
+                "train": {"steps": 2, "eval_every": 1, "eval_batches": 1,
                           "eval_tasks": [{"task": "passkey", "length": 96, "depths": [0.0, 100.0], "samples": 2}]},
                 "checkpoint": {"dir": str(tmp_path / "ckpt")},
                 "logging": {"metrics_file": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb")}}
@@ -208,7 +208,7 @@ def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, s
 
     records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in val] == [2, 4] and [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in val] == [1, 2] and [r["step"] for r in records if "loss" in r] == [1, 2]
     for r in val:
         assert r["val_loss"] == pytest.approx(result["val_losses"][r["step"]])
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
