@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--stream-chunk", type=int, default=None, help="tokens per model call (default: seq_len)")
     p.add_argument("--niah-tasks", type=task_list, default=list(TEXT_NEEDLES))
     p.add_argument("--niah-lengths", type=int_list, default=None,
-                   help="S-NIAH context lengths (default: window x 1, 2, 4, 8, 16, those that hold the needle)")
+                   help="S-NIAH context lengths (default: window x 1/2 ... 16, those that hold each needle)")
     p.add_argument("--depths", type=depth_list, default=[0.0, 25.0, 50.0, 75.0, 100.0], help="needle depths, %%")
     p.add_argument("--niah-samples", type=int, default=8, help="rows per S-NIAH cell")
     p.add_argument("--memory-off-too", action="store_true", help="also run every part with test-time learning off")
@@ -110,18 +110,14 @@ def finite(obj):
     return obj
 
 
-def fitting_lengths(lengths: list[int], tasks: list[str], encode, eos: int) -> tuple[list[int], list[int]]:
-    """(lengths that hold every task's needle and question, those that do not), by building one row of each."""
-    fit, short = [], []
-    for length in lengths:
-        try:
-            for task in tasks:
-                text_needle_batch(TEXT_NEEDLES[task], encode, torch.zeros(1, dtype=torch.long), 1, length, 0.5,
-                                  torch.Generator().manual_seed(0), eos)
-            fit.append(length)
-        except ValueError:
-            short.append(length)
-    return fit, short
+def holds_needle(task: str, length: int, encode, eos: int) -> bool:
+    """Whether `length` input tokens hold the task's needle, question and answer (one row is built to tell)."""
+    try:
+        text_needle_batch(TEXT_NEEDLES[task], encode, torch.zeros(1, dtype=torch.long), 1, length, 0.5,
+                          torch.Generator().manual_seed(0), eos)
+        return True
+    except ValueError:
+        return False
 
 
 def perplexity_part(model, stream: torch.Tensor, args, modes: list[bool]) -> list[dict]:
@@ -168,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args.lengths = args.lengths or sorted({max(1, seq_len // 2), seq_len, 2 * seq_len, 4 * seq_len})
     args.stream_chunk = args.stream_chunk or seq_len
     root = dataset_root(args.data, model.config.vocab_size, seq_len)
-    niah_lengths = args.niah_lengths or [window * f for f in (1, 2, 4, 8, 16)]
+    niah_lengths = args.niah_lengths or sorted({max(1, window // 2)} | {window * f for f in (1, 2, 4, 8, 16)})
     needed = max(args.samples * (max(args.lengths) + 1), max(niah_lengths))  # a big val split is not read whole
     stream = val_stream(root, model.config.vocab_size, needed)
     modes = [True, False] if args.memory_off_too else [True]
@@ -186,15 +182,20 @@ def main(argv: list[str] | None = None) -> None:
     if "niah" not in args.skip:
         sp = dataset_tokenizer(root)
         encode, eos = sp.encode, sp.eos_id()
-        lengths, short = fitting_lengths(niah_lengths, args.niah_tasks, encode, eos)
-        if short and args.niah_lengths:
-            parser.error(f"argument --niah-lengths: {short[0]} is too short to hold a needle and its question")
-        if not lengths:
-            parser.error("argument --niah-lengths: no default length holds a needle; give longer ones")
-        if short:
-            print(f"S-NIAH: default lengths {short} are too short for a needle and its question, left out")
-        results["niah"] = niah_sweep(model, encode, stream, args.niah_tasks, lengths, args.depths, args.niah_samples,
-                                     args.batch_size, args.stream_chunk, args.memory_off_too, args.seed, eos)
+        plan = {}  # task -> its lengths: a given length must hold every needle, a default one is left out
+        for task in args.niah_tasks:
+            short = [n for n in niah_lengths if not holds_needle(task, n, encode, eos)]
+            if short and args.niah_lengths:
+                parser.error(f"argument --niah-lengths: {short[0]} is too short to hold the {task} needle and its "
+                             "question")
+            plan[task] = [n for n in niah_lengths if n not in short]
+            if not plan[task]:
+                parser.error(f"argument --niah-lengths: no default length holds the {task} needle; give longer ones")
+            if short:
+                print(f"S-NIAH {task}: default lengths {short} are too short for its needle and question, left out")
+        results["niah"] = [cell for task, lengths in plan.items() for cell in niah_sweep(
+            model, encode, stream, [task], lengths, args.depths, args.niah_samples, args.batch_size, args.stream_chunk,
+            args.memory_off_too, args.seed, eos)]
         print(format_niah(results["niah"]))
     if args.out:
         out = Path(args.out)

@@ -69,9 +69,25 @@ def test_bad_flags_are_one_line(flags, message, tmp_path, capsys):
 def test_too_short_needle_and_missing_checkpoint_name_the_culprit(export, small_dataset, tmp_path, capsys):
     line = one_line_error(["--model", str(export), "--data", str(small_dataset), "--seq-len", "64", "--skip",
                            "perplexity", "--niah-lengths", "20,256"], capsys)
-    assert line == "evaluate: error: argument --niah-lengths: 20 is too short to hold a needle and its question"
+    assert line == ("evaluate: error: argument --niah-lengths: 20 is too short to hold the passkey needle and its "
+                    "question")
     missing = tmp_path / "nothing-here"
     done = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--model", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"evaluate: error: {missing}: no such checkpoint folder"]
+
+
+def test_default_niah_lengths_run_from_below_the_window_per_task(export, small_dataset, tmp_path, capsys):
+    """Default lengths window x 1/2 ... 16: each task keeps those that hold its needle (a passkey fits in fewer
+    tokens than a UUID), and says which it left out."""
+    from pretrain.evaluate import main
+
+    main(["--model", str(export), "--data", str(small_dataset), "--seq-len", "64", "--skip", "perplexity",
+          "--depths", "50", "--niah-samples", "1", "--niah-tasks", "passkey,uuid", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    cells = json.loads((tmp_path / "results.json").read_text())["niah"]
+    lengths = {task: sorted(c["length"] for c in cells if c["task"] == task) for task in ("passkey", "uuid")}
+    assert lengths["passkey"][-1] == lengths["uuid"][-1] == 256 and lengths["passkey"][0] < lengths["uuid"][0]
+    assert set(lengths["uuid"]) < set(lengths["passkey"]) <= {8, 16, 32, 64, 128, 256}
+    assert "S-NIAH uuid: default lengths [8, 16" in out and "left out" in out
