@@ -217,7 +217,8 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
     eval_tasks = {}
     if batches is None:
         loader, val_root = _build_loader(config, dims)
-        eval_tasks = fixed_task_batches(config.train.eval_tasks, val_root, config.model.vocab_size, config.train.seed)
+        eval_tasks = fixed_task_batches(config.train.eval_tasks, val_root, config.model.vocab_size, config.train.seed,
+                                        config.train.micro_batch_size)
     first_step = 0
     if resume is not None:
         first_step = _load(engine, resume, loader, scheduler, recipe_groups)

@@ -180,10 +180,10 @@ def test_an_eval_task_too_short_for_its_needle_names_the_key(small_dataset):
     from pretrain.config import EvalTaskConfig
     from pretrain.eval.niah import fixed_task_batches
 
-    ok = fixed_task_batches([EvalTaskConfig("passkey", 96, [0.0, 100.0], 3)], small_dataset, 512, 0)
-    assert [b.inputs.shape for b in ok["passkey@96"]] == [(3, 96), (3, 96)]
+    ok = fixed_task_batches([EvalTaskConfig("passkey", 96, [0.0, 100.0], 3)], small_dataset, 512, 0, 2)
+    assert [b.inputs.shape for b in ok["passkey@96"]] == [(2, 96), (1, 96), (2, 96), (1, 96)]  # per depth, by 2
     with pytest.raises(ConfigError, match=re.escape("train.eval_tasks[1].length: length 30 is too short")):
-        fixed_task_batches([EvalTaskConfig("passkey", 96), EvalTaskConfig("uuid", 30)], small_dataset, 512, 0)
+        fixed_task_batches([EvalTaskConfig("passkey", 96), EvalTaskConfig("uuid", 30)], small_dataset, 512, 0, 2)
 
 
 def _tiny_run_on_data(rank: int, world_size: int, sections: dict) -> dict:

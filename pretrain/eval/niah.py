@@ -62,11 +62,11 @@ def cell_batches(
             for done in range(0, samples, batch_size)]
 
 
-def fixed_task_batches(tasks: list[EvalTaskConfig], root: str | Path, vocab_size: int,
-                       seed: int) -> dict[str, list[TaskBatch]]:
-    """The rows of each `EvalTaskConfig` (all its depths, `samples` rows each) from the dataset at `root`: its
-    tokenizer and val text; the same rows on every call. ConfigError naming train.eval_tasks[i].length when a
-    length cannot hold the needle."""
+def fixed_task_batches(tasks: list[EvalTaskConfig], root: str | Path, vocab_size: int, seed: int,
+                       batch_size: int) -> dict[str, list[TaskBatch]]:
+    """The rows of each `EvalTaskConfig` (all its depths, `samples` rows each, in batches of at most batch_size)
+    from the dataset at `root`: its tokenizer and val text; the same rows on every call. ConfigError naming
+    train.eval_tasks[i].length when a length cannot hold the needle."""
     from pretrain.eval.loading import dataset_tokenizer, val_stream
     from titans_parallel.typed_config import ConfigError
 
@@ -78,7 +78,7 @@ def fixed_task_batches(tasks: list[EvalTaskConfig], root: str | Path, vocab_size
     for i, t in enumerate(tasks):
         try:
             batches[t.name] = [b for depth in t.depths for b in cell_batches(
-                t.task, t.length, depth, t.samples, t.samples, sp.encode, corpus, seed, sp.eos_id())]
+                t.task, t.length, depth, t.samples, batch_size, sp.encode, corpus, seed, sp.eos_id())]
         except ValueError as e:
             raise ConfigError(f"train.eval_tasks[{i}].length: {e}") from None
     return batches
