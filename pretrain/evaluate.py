@@ -120,6 +120,23 @@ def holds_needle(task: str, length: int, encode, eos: int) -> bool:
         return False
 
 
+def niah_plan(parser: argparse.ArgumentParser, tasks: list[str], lengths: list[int], given: bool, encode,
+              eos: int) -> dict[str, list[int]]:
+    """task -> the lengths it runs at: a given length (--niah-lengths) must hold every needle (else the one-line
+    error), a default one too short for a task's needle is left out for that task, and said so."""
+    plan = {}
+    for task in tasks:
+        short = [n for n in lengths if not holds_needle(task, n, encode, eos)]
+        if short and given:
+            parser.error(f"argument --niah-lengths: {short[0]} is too short to hold the {task} needle and its question")
+        plan[task] = [n for n in lengths if n not in short]
+        if not plan[task]:
+            parser.error(f"argument --niah-lengths: no default length holds the {task} needle; give longer ones")
+        if short:
+            print(f"S-NIAH {task}: default lengths {short} are too short for its needle and question, left out")
+    return plan
+
+
 def perplexity_part(model, stream: torch.Tensor, args, modes: list[bool]) -> list[dict]:
     """`length_report` of every --lengths entry, learning on (and off), with "learning" added to each."""
     reports = []
@@ -177,22 +194,14 @@ def main(argv: list[str] | None = None) -> None:
         if too_long:
             parser.error(f"argument --lengths: {too_long[0]} needs {too_long[0] + 1} val tokens; "
                          f"the val split of {root} holds {stream.numel()}")
-        results["perplexity"] = perplexity_part(model, stream, args, modes)
-        print(format_perplexity(results["perplexity"], seq_len))
     if "niah" not in args.skip:
         sp = dataset_tokenizer(root)
         encode, eos = sp.encode, sp.eos_id()
-        plan = {}  # task -> its lengths: a given length must hold every needle, a default one is left out
-        for task in args.niah_tasks:
-            short = [n for n in niah_lengths if not holds_needle(task, n, encode, eos)]
-            if short and args.niah_lengths:
-                parser.error(f"argument --niah-lengths: {short[0]} is too short to hold the {task} needle and its "
-                             "question")
-            plan[task] = [n for n in niah_lengths if n not in short]
-            if not plan[task]:
-                parser.error(f"argument --niah-lengths: no default length holds the {task} needle; give longer ones")
-            if short:
-                print(f"S-NIAH {task}: default lengths {short} are too short for its needle and question, left out")
+        plan = niah_plan(parser, args.niah_tasks, niah_lengths, args.niah_lengths is not None, encode, eos)
+    if "perplexity" not in args.skip:
+        results["perplexity"] = perplexity_part(model, stream, args, modes)
+        print(format_perplexity(results["perplexity"], seq_len))
+    if "niah" not in args.skip:
         results["niah"] = [cell for task, lengths in plan.items() for cell in niah_sweep(
             model, encode, stream, [task], lengths, args.depths, args.niah_samples, args.batch_size, args.stream_chunk,
             args.memory_off_too, args.seed, eos)]
