@@ -217,6 +217,14 @@ def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, s
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert {"val/ppl", "val/passkey@96"} <= set(events.Tags()["scalars"])
+    from pretrain.evaluate import main  # and the evaluation reads the DeepSpeed checkpoint (seq_len from it)
+
+    main(["--model", str(tmp_path / "ckpt"), "--data", str(small_dataset), "--lengths", "64", "--samples", "2",
+          "--niah-tasks", "passkey", "--niah-lengths", "96", "--depths", "0,100", "--niah-samples", "2",
+          "--out", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["seq_len"] == 64 and report["perplexity"][0]["sequences"] == 2
+    assert [(c["length"], c["depth"]) for c in report["niah"]] == [(96, 0.0), (96, 100.0)]
 
 
 @pytest.mark.slow
