@@ -195,7 +195,8 @@ def _tiny_run_on_data(rank: int, world_size: int, sections: dict) -> dict:
 
 def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, small_dataset):
     """A tiny run on real data: every metrics line parses as strict JSON; validation lines carry val_loss,
-    val_ppl and the eval_tasks' accuracies; TensorBoard gets the val perplexity."""
+    val_ppl and the eval_tasks' accuracies; TensorBoard gets the val perplexity; pretrain.evaluate reads the
+    checkpoint it wrote."""
     sections = {"model": {"vocab_size": 512}, "data": {"path": str(small_dataset), "seq_len": 64},
                 "train": {"steps": 2, "eval_every": 1, "eval_batches": 1,
                           "eval_tasks": [{"task": "passkey", "length": 96, "depths": [0.0, 100.0], "samples": 2}]},
@@ -206,7 +207,8 @@ def test_metrics_are_strict_json_with_validation_and_task_accuracies(tmp_path, s
     def refuse(name):
         raise ValueError(f"bare {name}")
 
-    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [1, 2] and [r["step"] for r in records if "loss" in r] == [1, 2]
     for r in val:

@@ -15,7 +15,9 @@ from titans_parallel import TitansLM
 
 
 @torch.no_grad()
-def stream_logits(model: TitansLM, inputs: torch.Tensor, chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def stream_logits(
+    model: TitansLM, inputs: torch.Tensor, chunk: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [B, c, vocab]) for consecutive pieces inputs[:, start:start + c] of inputs [B, T],
     c = chunk (the last piece may be shorter); chunk None or >= T: one piece, one call."""
     if chunk is not None and chunk < 1:
