@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from pretrain.eval.memory_contribution import memory_learning
 from pretrain.eval.niah import format_niah, niah_sweep
 from pretrain.eval.perplexity import length_report, length_rows
 from pretrain.eval.tasks import TEXT_NEEDLES, text_needle_batch
+from pretrain.monitor import json_safe
 
 
 def int_list(text: str) -> list[int]:
@@ -97,17 +97,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         if value is not None and value < 1:
             p.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {value}")
     return p, args
-
-
-def finite(obj):
-    """obj with every non-finite float replaced by None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def holds_needle(task: str, length: int, encode, eos: int) -> bool:
@@ -209,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(finite(results), indent=1, allow_nan=False))
+        (out / "results.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
         for task in args.niah_tasks if "niah" in results else []:
             for learning in ("on", "off") if args.memory_off_too else ("on",):
                 cells = {(c["depth"], c["length"]): c["accuracy"] for c in results["niah"]

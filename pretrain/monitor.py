@@ -32,10 +32,16 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _strict(record: dict[str, Any]) -> dict[str, Any]:
-    """record (nested dicts too) with every non-finite float as None."""
-    return {k: _strict(v) if isinstance(v, dict) else _finite(v) if isinstance(v, float) else v
-            for k, v in record.items()}
+def json_safe(obj: Any) -> Any:
+    """obj (nested dicts and lists too) with every non-finite float as None, for strict JSON (no bare NaN or
+    Infinity)."""
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _duration(seconds: float) -> str:
@@ -148,7 +154,7 @@ class Monitor:
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+            self.metrics.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             self.metrics.flush()
 
     def _progress(self, done: int) -> str:
