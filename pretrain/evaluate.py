@@ -141,21 +141,31 @@ def perplexity_part(model, stream: torch.Tensor, args, modes: list[bool]) -> lis
     return reports
 
 
+def off_vs_on(loss_on: float, loss_off: float) -> str:
+    """How much worse the loss is with learning off, in % ("off vs on")."""
+    return f"{100 * (loss_off / loss_on - 1):+9.2f}%"
+
+
 def format_perplexity(reports: list[dict], seq_len: int) -> str:
-    """Per length: loss and perplexity (learning on [/ off]), then loss by position bucket side by side."""
+    """Per length: loss and perplexity (learning on [/ off, and off vs on]), then loss by position bucket side by
+    side."""
     modes = list(dict.fromkeys(r["learning"] for r in reports))
+    both = modes == ["on", "off"]
     by = {(r["length"], r["learning"]): r for r in reports}
     lengths = sorted({r["length"] for r in reports})
-    head = "".join(f"{'loss ' + m:>11s}{'ppl ' + m:>10s}" for m in modes)
+    head = "".join(f"{'loss ' + m:>11s}{'ppl ' + m:>10s}" for m in modes) + (f"{'off vs on':>11s}" if both else "")
     lines = [f"held-out perplexity by context length (trained at {seq_len}):", f"{'length':>8s}{'seqs':>6s}" + head]
     for n in lengths:
         cols = "".join(f"{by[n, m]['loss']:11.4f}{by[n, m]['ppl']:10.2f}" for m in modes)
-        lines.append(f"{n:8d}{by[n, modes[0]]['sequences']:6d}" + cols + ("  beyond training" if n > seq_len else ""))
+        gap = off_vs_on(by[n, "on"]["loss"], by[n, "off"]["loss"]) if both else ""
+        lines.append(f"{n:8d}{by[n, modes[0]]['sequences']:6d}" + cols + gap
+                     + ("  beyond training" if n > seq_len else ""))
     for n in lengths:
-        lines.append(f"loss by position at length {n} (learning {' / '.join(modes)}):")
-        buckets = zip(*(by[n, m]["by_position"] for m in modes))
-        for row in buckets:
-            lines.append(f"  {row[0]['positions']:32s}" + "".join(f"{b['loss']:9.4f}" for b in row))
+        lines.append(f"loss by position at length {n} (learning {' / '.join(modes)}" + (", off vs on):" if both
+                                                                                       else "):"))
+        for row in zip(*(by[n, m]["by_position"] for m in modes)):
+            gap = off_vs_on(row[0]["loss"], row[1]["loss"]) if both else ""
+            lines.append(f"  {row[0]['positions']:32s}" + "".join(f"{b['loss']:9.4f}" for b in row) + gap)
     return "\n".join(lines)
 
 

@@ -91,3 +91,20 @@ def test_default_niah_lengths_run_from_below_the_window_per_task(export, small_d
     assert lengths["passkey"][-1] == lengths["uuid"][-1] == 256 and lengths["passkey"][0] < lengths["uuid"][0]
     assert set(lengths["uuid"]) < set(lengths["passkey"]) <= {8, 16, 32, 64, 128, 256}
     assert "S-NIAH uuid: default lengths [8, 16" in out and "left out" in out
+
+
+def test_perplexity_table_puts_off_beside_on_with_the_gap():
+    from pretrain.evaluate import format_perplexity
+
+    def report(length, learning, loss):
+        buckets = [dict(positions="0-7", loss=loss), dict(positions="all positions", loss=loss)]
+        return dict(length=length, learning=learning, loss=loss, ppl=2 * loss, sequences=2, by_position=buckets)
+
+    lines = format_perplexity([report(64, "on", 2.0), report(64, "off", 2.2), report(128, "on", 2.0),
+                               report(128, "off", 2.1)], 64).splitlines()
+    assert lines[1].split() == ["length", "seqs", "loss", "on", "ppl", "on", "loss", "off", "ppl", "off", "off", "vs",
+                                "on"]
+    assert lines[2].split() == ["64", "2", "2.0000", "4.00", "2.2000", "4.40", "+10.00%"]
+    assert lines[3].split()[-3:] == ["+5.00%", "beyond", "training"]
+    assert lines[4] == "loss by position at length 64 (learning on / off, off vs on):"
+    assert lines[5].split() == ["0-7", "2.0000", "2.2000", "+10.00%"]
