@@ -100,6 +100,19 @@ def test_persistent_tokens_visible_beyond_the_window():
     assert not torch.allclose(model(ids)[0, 20], logits)
 
 
+def test_mac_memory_learns_from_the_tokens_not_only_from_attention():
+    """MAC's memory writes the residual stream after attention (segment + y): with attention's output zeroed
+    (y = 0) the memory's state at the end still depends on which tokens it read."""
+    model = make_model("mac", n_layers=1)
+    with torch.no_grad():
+        model.layers[0].mixer.attn.wo.weight.zero_()
+    ids = torch.randint(0, 61, (1, 16))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 61
+    states = [model.decode(x, None)[1][0].memory.memory.weights for x in (ids, changed)]
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(*states))
+
+
 def test_generate_greedy_matches_argmax_of_full_forward():
     model = make_model("mac")
     prompt = torch.randint(0, 61, (2, 9))
