@@ -85,6 +85,7 @@ def _memory(config: ModelConfig, full_sequence: bool = False) -> NeuralMemory:
         config.dim, config.n_heads, config.head_dim, depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
         conv_kernel=m.conv_kernel, theta_max=m.theta_max, retrieve=m.retrieve, activation=m.activation,
         compile_scan=m.compile_scan, norm_eps=config.norm_eps, polyak_step=m.polyak_step, momentum_ema=m.momentum_ema,
+        normalize_weights=m.normalize_weights,
         init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
     )
 
