@@ -118,10 +118,12 @@ class TitansLM(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Prefill the prompt [B, T0] once, then decode token by token from the caches (O(1) per token in the
-        context length: attention keeps a window, the memory a fixed-size state). temperature 0 = greedy.
-        Returns [B, T0 + n] (stops early when every row has produced eos_id). TP off only."""
+        context length: attention keeps a window, the memory a fixed-size state). temperature 0 = greedy; top_k,
+        top_p as in `next_token_probs`. Returns [B, T0 + n] (stops early when every row has produced eos_id).
+        TP off only."""
         if self.parallel.tp_enabled:
             raise NotImplementedError(
                 "generate under tensor parallel (every rank would have to draw the same samples); build the model "
@@ -130,10 +132,11 @@ class TitansLM(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, cache = self.decode(input_ids, None)
         tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator)
+            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
@@ -144,15 +147,49 @@ class TitansLM(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first setting out of range: max_new_tokens >= 0, temperature >= 0, top_k >= 1,
+    top_p in (0, 1]."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def next_token_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """logits [B, V] -> the sampling distribution [B, V] (fp32): softmax(logits / temperature) (temperature > 0)
+    restricted to the top_k largest logits, then to the nucleus (the most probable tokens, in order, until their
+    mass reaches top_p; the token that reaches it included), renormalised."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0)  # mass before a token already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: the argmax at temperature 0, else a draw from `next_token_probs`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
