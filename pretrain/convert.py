@@ -97,7 +97,7 @@ def convert(checkpoint: str | Path, out: str | Path, fmt: str, *, tp: int | None
         elif fmt == "hf":
             from titans_parallel.hf.export import save_hf_export
 
-            save_hf_export(state, model_config, tmp, tokenizer=sp_path)
+            save_hf_export(state, model_config, tmp, tokenizer=sp_path, seq_len=job["data"]["seq_len"])
         else:
             save_tp_shards(state, model_config, tp, tmp)
         if sp_path is not None and fmt == "safetensors":

@@ -19,6 +19,9 @@ What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_p
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,6 +193,23 @@ def sample_next_token(
     if temperature == 0:
         return logits.argmax(-1)
     return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """The cache (from `TitansLM.decode`) of batch rows `rows` [n] (indices, repeats allowed) of the batch it
+    summarises: every tensor in a cache has the batch first, so continuing from the result equals continuing those
+    rows alone."""
+    if isinstance(cache, torch.Tensor):
+        return cache.index_select(0, rows)
+    if dataclasses.is_dataclass(cache):
+        return dataclasses.replace(cache, **{f.name: select_rows(getattr(cache, f.name), rows)
+                                             for f in dataclasses.fields(cache)})
+    if isinstance(cache, tuple):
+        items = [select_rows(c, rows) for c in cache]
+        return type(cache)(*items) if hasattr(cache, "_fields") else tuple(items)
+    if isinstance(cache, list):
+        return [select_rows(c, rows) for c in cache]
+    return cache  # positions and offsets (ints), None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
