@@ -20,6 +20,7 @@ What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ class TitansLM(nn.Module):
     """Decoder-only language model. `model(input_ids [B, T])` -> logits [B, T, vocab] (the full vocabulary, also
     under TP); `model(input_ids, labels)` = `model.loss(input_ids, labels)` -> mean loss, without full-vocabulary
     logits under TP (use it for training). `model.decode(ids, cache)` continues a sequence from a cache; `generate`
-    samples.
+    samples, `stream` yields the sampled tokens as they come.
 
     Initialisation happens once, at construction, layer by layer through the factories (normal with init_std; the
     projections into the residual stream init_std / sqrt(2 n_layers); the memory's own rules; norms 1), so a TP
@@ -113,6 +114,35 @@ class TitansLM(nn.Module):
         return self.output(self.norm(x)), new_caches
 
     @torch.no_grad()
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token ids [B] of the prompt [B, T0], max_new_tokens times: the prompt is prefilled once,
+        then each token is decoded from the caches (O(1) per token in the context length: attention keeps a window,
+        the memory a fixed-size state), only when the next one is asked for. temperature 0 = greedy; top_k, top_p
+        as in `next_token_probs`. TP off only."""
+        if self.parallel.tp_enabled:
+            raise NotImplementedError(
+                "generate under tensor parallel (every rank would have to draw the same samples); build the model "
+                "without init_parallel or with tp=1"
+            )
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+        logits, cache = self.decode(input_ids, None)
+        for step in range(max_new_tokens):
+            if step:
+                logits, cache = self.decode(nxt[:, None], cache)
+            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
+            yield nxt
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -123,30 +153,16 @@ class TitansLM(nn.Module):
         generator: torch.Generator | None = None,
         top_p: float | None = None,
     ) -> torch.Tensor:
-        """Prefill the prompt [B, T0] once, then decode token by token from the caches (O(1) per token in the
-        context length: attention keeps a window, the memory a fixed-size state). temperature 0 = greedy; top_k,
-        top_p as in `next_token_probs`. Returns [B, T0 + n] (stops early when every row has produced eos_id).
-        TP off only."""
-        if self.parallel.tp_enabled:
-            raise NotImplementedError(
-                "generate under tensor parallel (every rank would have to draw the same samples); build the model "
-                "without init_parallel or with tp=1"
-            )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
-        logits, cache = self.decode(input_ids, None)
+        """The prompt [B, T0] and its continuation from `stream`: [B, T0 + n]; stops early when every row has
+        produced eos_id (a finished row is filled with eos_id)."""
         tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
+        for nxt in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator):
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             tokens.append(nxt[:, None])
             if eos_id is not None and bool(done.all()):
                 break
-            logits, cache = self.decode(nxt[:, None], cache)
         return torch.cat(tokens, dim=1)
 
 
