@@ -55,6 +55,9 @@ def test_eos_is_the_declared_bos_and_pad_and_the_training_length_is_known(export
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (eos, eos, eos)
     assert tok.model_max_length == SEQ_LEN
     assert tok("a b c")["input_ids"] == sp.encode("a b c")  # nothing added
+    ids = sp.encode("end.") + [eos]
+    assert tok.decode(ids, skip_special_tokens=False) == "end.</s>"  # lm-eval's stop text for EOS
+    assert tok.decode(ids, skip_special_tokens=True) == "end."
     config = json.loads((path / "config.json").read_text())
     generation = GenerationConfig.from_pretrained(path)
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (eos, eos, eos)
