@@ -59,6 +59,7 @@ def test_shipped_task_data_is_what_make_data_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (TASKS / name).read_bytes(), name
 
 
+@pytest.mark.slow  # ~40 s: the lm_eval command in a fresh process
 def test_lm_eval_gives_the_models_own_figures(export, tmp_path):
     path, model, sp = export
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
