@@ -14,8 +14,8 @@ sampling, `titans_parallel.model.next_token_probs`). Bad settings are one line n
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import NoReturn
 
 import sentencepiece as spm
 import torch
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text.flush(), flush=True)
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None) -> NoReturn:
     """`main` with its errors as one line `generate: error: ...` and exit status 2 (argparse's own errors alike)."""
     from pretrain.checkpoint import CheckpointError
     from titans_parallel.typed_config import ConfigError, run_cli

@@ -91,7 +91,9 @@ def test_generate_until_in_batches_of_four_equals_each_prompt_alone(export):
 
     path, model, sp = export
     lm = HFLM(pretrained=str(path), trust_remote_code=True, batch_size=4, device="cpu")
-    contexts = [item["context"][: n] for item, n in zip(_rows("next_sentence.jsonl"), (40, 90, 15, 160, 60))]
+    lengths = (40, 90, 15, 160, 60)  # characters: prompts of different token counts in one batch of 4, then 1
+    items = _rows("next_sentence.jsonl")[: len(lengths)]
+    contexts = [item["context"][:n] for item, n in zip(items, lengths, strict=True)]
     settings = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
     requests = [Instance("generate_until", {}, (c, settings), idx=0) for c in contexts]
     texts = lm.generate_until(requests)

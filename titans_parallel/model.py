@@ -138,10 +138,10 @@ class TitansLM(nn.Module):
                              f"[{input_ids.min().item()}, {input_ids.max().item()}]")
         logits, cache = self.decode(input_ids, None)
         for step in range(max_new_tokens):
-            if step:
-                logits, cache = self.decode(nxt[:, None], cache)
             nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
             yield nxt
+            if step + 1 < max_new_tokens:
+                logits, cache = self.decode(nxt[:, None], cache)
 
     def generate(
         self,
