@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from titans_parallel import ModelConfig, TitansLM, lm_loss
-from titans_parallel.model import next_token_probs, sample_next_token
+from titans_parallel.model import next_token_probs, sample_next_token, select_rows
 from titans_parallel.summary import main as summary_main
 
 VARIANTS = ["mac", "mag", "mal", "lmm", "transformer", "swa"]
@@ -115,6 +115,18 @@ def test_generate_rejects_out_of_range_prompt():
     model = make_model("swa")
     with pytest.raises(ValueError, match="token ids"):
         model.generate(torch.tensor([[0, 61]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_selected_cache_rows_continue_as_those_rows_alone(variant):
+    """select_rows (beam search's reorder): rows 2, 0, 0 of a batch's cache, continued, equal rows 2, 0, 0 run whole
+    from the start."""
+    model = make_model(variant)
+    ids = torch.randint(0, 61, (3, 13))
+    rows = torch.tensor([2, 0, 0])
+    _, cache = model.decode(ids[:, :10], None)
+    continued, _ = model.decode(ids[rows, 10:], select_rows(cache, rows))
+    assert torch.allclose(continued, model(ids[rows])[:, 10:], atol=1e-10)
 
 
 PROBS = torch.tensor([[0.5, 0.25, 0.15, 0.10]])
