@@ -5,11 +5,12 @@
 
 1. sweep: forward and backward of `memory_scan` over --seq tokens (random unit q/k, unit-variance v, random gates
    theta = theta_max * sigmoid(n), eta = sigmoid(n), alpha = sigmoid(n - 4), n ~ N(0, 1)) for every theta_max,
-   depth, chunk size and input precision; reports the largest |W| at the end and whether outputs, end state and
-   every input gradient are finite, for the paper's rule and for the stabilised rule.
+   depth, chunk size and input precision; reports whether outputs, end state and every input gradient are finite,
+   the largest |W| at the end and the largest input-gradient norm, for each rule in --rules: the paper's rule,
+   the stabilised rule (polyak_step + momentum_ema) and that rule with normalize_weights.
 2. store: the memory alone as an associative store: --pairs random key/value pairs, then --filler random writes,
    constant gates (eta 0.9, alpha 0); recall = the share of the pairs' keys whose retrieval is nearest (cosine) to
-   their own value among the pairs' values. Swept over theta_max for both rules.
+   their own value among the pairs' values. Swept over theta_max for each rule.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ import torch.nn.functional as F
 
 from titans_parallel.memory import MemoryState, memory_scan
 
-RULES = {"paper": {}, "stabilised": dict(polyak_step=True, momentum_ema=True)}
+RULES = {
+    "paper": {},
+    "stabilised": dict(polyak_step=True, momentum_ema=True),
+    "normalised": dict(polyak_step=True, momentum_ema=True, normalize_weights=True),
+}
 
 
 def initial_state(batch: int, heads: int, width: int, depth: int, expansion: int, g: torch.Generator) -> MemoryState:
@@ -35,8 +40,10 @@ def initial_state(batch: int, heads: int, width: int, depth: int, expansion: int
     return MemoryState.from_weights(weights)
 
 
-def sweep_case(theta_max: float, depth: int, chunk: int, dtype: torch.dtype, rule: dict, args) -> tuple[bool, float]:
-    """(everything finite, max |W| at the end) for one forward + backward."""
+def sweep_case(
+    theta_max: float, depth: int, chunk: int, dtype: torch.dtype, rule: dict, args
+) -> tuple[bool, float, float]:
+    """(everything finite, max |W| at the end, largest input-gradient norm) for one forward + backward."""
     g = torch.Generator().manual_seed(0)
     B, H, T, d = args.batch, args.heads, args.seq, args.head_dim
     q, k = (F.normalize(torch.randn(B, H, T, d, generator=g), dim=-1) for _ in range(2))
@@ -50,22 +57,24 @@ def sweep_case(theta_max: float, depth: int, chunk: int, dtype: torch.dtype, rul
     loss = y.float().square().mean() + sum(w.square().mean() for w in end.weights)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     finite = bool(torch.isfinite(loss)) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-    return finite, max(w.abs().max().item() for w in end.weights)
+    grad_norm = max(g.float().norm().item() for g in grads if g is not None)
+    return finite, max(w.abs().max().item() for w in end.weights), grad_norm
 
 
 def run_sweep(args) -> None:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print(f"sweep: T={args.seq} B={args.batch} H={args.heads} d={args.head_dim}; cell = finite? max|W| at the end")
-    header = f"{'rule':11s} {'depth':>5s} {'chunk':>5s} {'dtype':>5s} " + " ".join(f"{t:>16g}" for t in args.thetas)
+    print(f"sweep: T={args.seq} B={args.batch} H={args.heads} d={args.head_dim}; cell = finite? max|W| at the end, "
+          f"largest input-gradient norm")
+    header = f"{'rule':11s} {'depth':>5s} {'chunk':>5s} {'dtype':>5s} " + " ".join(f"{t:>24g}" for t in args.thetas)
     print(header)
-    failures = {rule: 0 for rule in RULES}
-    for rule, depth, chunk, dtype in itertools.product(RULES, args.depths, args.chunks, args.dtypes):
+    failures = {rule: 0 for rule in args.rules}
+    for rule, depth, chunk, dtype in itertools.product(args.rules, args.depths, args.chunks, args.dtypes):
         start = time.perf_counter()
         cells = []
         for theta_max in args.thetas:
-            finite, w_max = sweep_case(theta_max, depth, chunk, dtypes[dtype], RULES[rule], args)
+            finite, w_max, grad_norm = sweep_case(theta_max, depth, chunk, dtypes[dtype], RULES[rule], args)
             failures[rule] += not finite
-            cells.append(f"{'ok' if finite else 'NONFINITE':>9s} {w_max:6.2g}")
+            cells.append(f"{'ok' if finite else 'NONFINITE':>9s} {w_max:6.2g} {grad_norm:7.1e}")
         print(f"{rule:11s} {depth:5d} {chunk:5d} {dtype:>5s} " + " ".join(cells) +
               f"   ({time.perf_counter() - start:.1f} s)", flush=True)
     cases = len(args.depths) * len(args.chunks) * len(args.dtypes) * len(args.thetas)
@@ -94,7 +103,8 @@ def run_store(args) -> None:
     print(f"\nstore: {args.pairs} pairs, then {args.filler} filler writes, d={args.head_dim}, depth {args.store_depth}, "
           f"eta 0.9, chunk 16; recall of the pairs (chance {1 / args.pairs:.2f})")
     print(f"{'rule':11s} " + " ".join(f"{t:>7g}" for t in args.store_thetas) + "   best / at best/3 / at best*3")
-    for rule, options in RULES.items():
+    for rule in args.rules:
+        options = RULES[rule]
         recalls = [store_recall(t, options, args) for t in args.store_thetas]
         best = max(range(len(recalls)), key=recalls.__getitem__)
         around = [recalls[i] if 0 <= i < len(recalls) else float("nan") for i in (best - 1, best + 1)]
@@ -105,6 +115,7 @@ def run_store(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("sweep", "store", "all"), default="all")
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)

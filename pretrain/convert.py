@@ -86,7 +86,7 @@ def convert(checkpoint: str | Path, out: str | Path, fmt: str, *, tp: int | None
     model_config = from_mapping(ModelConfig, job["model"])
     if fmt == "tp":
         ModelSpec.of(model_config).check_divisible(tp)
-    sp_path = _tokenizer_path(job, tokenizer, model_config.vocab_size) if fmt != "tp" else None
+    sp_path = tokenizer_path(job, tokenizer, model_config.vocab_size) if fmt != "tp" else None
     state, _, step = load_consolidated(tag_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +97,7 @@ def convert(checkpoint: str | Path, out: str | Path, fmt: str, *, tp: int | None
         elif fmt == "hf":
             from titans_parallel.hf.export import save_hf_export
 
-            save_hf_export(state, model_config, tmp, tokenizer=sp_path)
+            save_hf_export(state, model_config, tmp, tokenizer=sp_path, seq_len=job["data"]["seq_len"])
         else:
             save_tp_shards(state, model_config, tp, tmp)
         if sp_path is not None and fmt == "safetensors":
@@ -111,9 +111,12 @@ def convert(checkpoint: str | Path, out: str | Path, fmt: str, *, tp: int | None
     return out
 
 
-def _tokenizer_path(job: dict[str, Any], given: str | Path | None, vocab_size: int) -> Path | None:
-    """--tokenizer (must exist), else the training dataset's tokenizer.model, else None with a warning; a tokenizer
-    whose vocabulary is not the model's is an error."""
+def tokenizer_path(
+    job: dict[str, Any], given: str | Path | None, vocab_size: int, required: bool = False
+) -> Path | None:
+    """--tokenizer (must exist), else the training dataset's tokenizer.model, else (none there) a
+    FileNotFoundError when `required`, or None with a warning; a tokenizer whose vocabulary is not the model's is an
+    error."""
     if given is not None:
         path = Path(given)
         if not path.is_file():
@@ -125,6 +128,8 @@ def _tokenizer_path(job: dict[str, Any], given: str | Path | None, vocab_size: i
         root = Path(data["path"]) if data["path"] else default_dataset_dir(vocab_size, data["seq_len"])
         path = root / TOKENIZER
         if not path.is_file():
+            if required:
+                raise FileNotFoundError(f"no tokenizer at {path} (the job's dataset); pass --tokenizer PATH")
             print(f"convert: warning: no tokenizer at {path} (the job's dataset); exporting without one "
                   "(pass --tokenizer PATH)", file=sys.stderr)
             return None

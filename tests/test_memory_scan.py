@@ -65,7 +65,8 @@ def test_gradients_match_token_loop(depth, chunk_size, retrieve):
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * scale, name
 
 
-STABILISERS = [dict(polyak_step=True), dict(momentum_ema=True), dict(polyak_step=True, momentum_ema=True)]
+ALL_STABILISERS = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)
+STABILISERS = [dict(polyak_step=True), dict(momentum_ema=True), dict(normalize_weights=True), ALL_STABILISERS]
 
 
 @pytest.mark.parametrize("options", STABILISERS)
@@ -93,6 +94,15 @@ def test_stabilisers_change_the_rule(options):
     y, _ = memory_scan(**inputs, state=state, chunk_size=4)
     y_opt, _ = memory_scan(**inputs, state=state, chunk_size=4, **options)
     assert (y - y_opt).abs().max().item() > 1e-3
+
+
+def test_normalize_weights_keeps_the_column_norms():
+    """Every W_l at the end has the column lengths of the start state, and its directions did change."""
+    inputs, state = make_inputs(T=19, depth=3, seed=13)
+    _, end = memory_scan(**inputs, state=state, chunk_size=4, normalize_weights=True)
+    for w0, w in zip(state.weights, end.weights):
+        assert (w.norm(dim=-2) - w0.norm(dim=-2)).abs().max().item() <= 1e-12
+        assert (w - w0).abs().max().item() > 1e-3
 
 
 def test_polyak_step_is_the_delta_rule_for_a_linear_memory():
@@ -126,14 +136,16 @@ def test_gelu_activation_matches_token_loop():
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * (ref[name].abs().max().item() + 1.0), name
 
 
+@pytest.mark.parametrize("options", [{}, ALL_STABILISERS])
 @pytest.mark.parametrize("split", [3, 6, 12, 21])
-def test_state_carry_equals_one_call(split):
+def test_state_carry_equals_one_call(split, options):
+    """With normalize_weights too: the carried state's column norms are the first call's targets."""
     inputs, state = make_inputs(T=29, depth=2, seed=4)
-    y, end = memory_scan(**inputs, state=state, chunk_size=3)
+    y, end = memory_scan(**inputs, state=state, chunk_size=3, **options)
     first = {n: t[:, :, :split] for n, t in inputs.items()}
     second = {n: t[:, :, split:] for n, t in inputs.items()}
-    y1, mid = memory_scan(**first, state=state, chunk_size=3)
-    y2, end2 = memory_scan(**second, state=mid, chunk_size=3)
+    y1, mid = memory_scan(**first, state=state, chunk_size=3, **options)
+    y2, end2 = memory_scan(**second, state=mid, chunk_size=3, **options)
     assert torch.equal(torch.cat([y1, y2], dim=2), y) or (torch.cat([y1, y2], dim=2) - y).abs().max() <= 1e-12
     assert max_state_diff(end, end2) <= 1e-12
 
@@ -225,7 +237,7 @@ def test_only_some_outputs_used():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "retrieve,options", [("inclusive", {}), ("chunk", {}), ("inclusive", dict(polyak_step=True, momentum_ema=True))]
+    "retrieve,options", [("inclusive", {}), ("chunk", {}), ("inclusive", ALL_STABILISERS)]
 )
 def test_compiled_chunk_steps_match_token_loop(retrieve, options):
     """compile=True (torch.compile of each full chunk's forward and backward step) computes the same function:

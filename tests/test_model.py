@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from titans_parallel import ModelConfig, TitansLM, lm_loss
+from titans_parallel.model import next_token_probs, sample_next_token, select_rows
 from titans_parallel.summary import main as summary_main
 
 VARIANTS = ["mac", "mag", "mal", "lmm", "transformer", "swa"]
@@ -100,6 +101,19 @@ def test_persistent_tokens_visible_beyond_the_window():
     assert not torch.allclose(model(ids)[0, 20], logits)
 
 
+def test_mac_memory_learns_from_the_tokens_not_only_from_attention():
+    """MAC's memory writes the residual stream after attention (segment + y): with attention's output zeroed
+    (y = 0) the memory's state at the end still depends on which tokens it read."""
+    model = make_model("mac", n_layers=1)
+    with torch.no_grad():
+        model.layers[0].mixer.attn.wo.weight.zero_()
+    ids = torch.randint(0, 61, (1, 16))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 61
+    states = [model.decode(x, None)[1][0].memory.memory.weights for x in (ids, changed)]
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(*states))
+
+
 def test_generate_greedy_matches_argmax_of_full_forward():
     model = make_model("mac")
     prompt = torch.randint(0, 61, (2, 9))
@@ -114,6 +128,44 @@ def test_generate_rejects_out_of_range_prompt():
     model = make_model("swa")
     with pytest.raises(ValueError, match="token ids"):
         model.generate(torch.tensor([[0, 61]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_selected_cache_rows_continue_as_those_rows_alone(variant):
+    """select_rows (beam search's reorder): rows 2, 0, 0 of a batch's cache, continued, equal rows 2, 0, 0 run whole
+    from the start."""
+    model = make_model(variant)
+    ids = torch.randint(0, 61, (3, 13))
+    rows = torch.tensor([2, 0, 0])
+    _, cache = model.decode(ids[:, :10], None)
+    continued, _ = model.decode(ids[rows, 10:], select_rows(cache, rows))
+    assert torch.allclose(continued, model(ids[rows])[:, 10:], atol=1e-10)
+
+
+PROBS = torch.tensor([[0.5, 0.25, 0.15, 0.10]])
+
+
+def test_top_p_keeps_the_nucleus_and_renormalises():
+    """Hand-computed: p = (.5, .25, .15, .1). top_p .7: .5 alone is short of .7, .5 + .25 reaches it -> (2/3, 1/3).
+    At temperature 2 the probabilities go as sqrt(p): (.370, .262, .203, .165), so top_p .6 keeps the first two ->
+    (sqrt(.5), .5) / (sqrt(.5) + .5) = (2 - sqrt 2, sqrt 2 - 1). top_k 1 beats any top_p; top_p 1 changes nothing."""
+    logits = PROBS.log()
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.7), torch.tensor([[2 / 3, 1 / 3, 0, 0]]))
+    root2 = math.sqrt(2)
+    assert torch.allclose(next_token_probs(logits, 2.0, top_p=0.6), torch.tensor([[2 - root2, root2 - 1, 0, 0]]))
+    assert torch.allclose(next_token_probs(logits, 1.0, top_k=1, top_p=0.99), torch.tensor([[1.0, 0, 0, 0]]))
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=1.0), PROBS)
+    draws = sample_next_token(logits.expand(20000, -1), 1.0, None, torch.Generator().manual_seed(0), top_p=0.7)
+    freq = torch.bincount(draws, minlength=4) / draws.numel()
+    assert freq[2:].sum() == 0 and abs(freq[0].item() - 2 / 3) < 0.01
+
+
+@pytest.mark.parametrize("bad,match", [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temp"),
+                                       (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "p")])
+def test_generate_rejects_bad_sampling_settings(bad, match):
+    model = make_model("swa")
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[1, 2]]), **{"max_new_tokens": 1, **bad})
 
 
 def _short_real_text(n_chars=1200) -> bytes:

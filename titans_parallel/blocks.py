@@ -85,6 +85,7 @@ def _memory(config: ModelConfig, full_sequence: bool = False) -> NeuralMemory:
         config.dim, config.n_heads, config.head_dim, depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
         conv_kernel=m.conv_kernel, theta_max=m.theta_max, retrieve=m.retrieve, activation=m.activation,
         compile_scan=m.compile_scan, norm_eps=config.norm_eps, polyak_step=m.polyak_step, momentum_ema=m.momentum_ema,
+        normalize_weights=m.normalize_weights,
         init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
     )
 
@@ -184,10 +185,12 @@ class MACMixer(nn.Module):
     """Memory as context (paper section 4.1), segment by segment (segment = config.window tokens):
     h = RMSNorm(M_before(q(segment))) (retrieval without update); y = Attn over [P || h || segment], P always
     visible and h_j visible to query i iff j <= i (h_j is read from token j, so this keeps the layer causal);
-    the memory then learns from y, and o = y * sigmoid(RMSNorm(M(y))) (its inclusive retrieval as a gate, as in
-    MAG). The norms put the retrieved tokens at the segment's scale and keep o from starting as a product of two
-    near-zero branches (docs/memory.md); they see the whole sequence on every TP rank, so their weights are not
-    sequence-parallel.
+    the memory then learns from the residual stream after attention, segment + y, and
+    o = y * sigmoid(RMSNorm(M(segment + y))) (its inclusive retrieval as a gate, as in MAG). Learning from y alone
+    (attention's outputs, near-uniform mixtures early in training) the memory could not tell tokens apart and MQAR
+    stayed near chance; the norms put the retrieved tokens at the segment's scale and keep o from starting as a
+    product of two near-zero branches (docs/memory.md). The norms see the whole sequence on every TP rank, so their
+    weights are not sequence-parallel.
     Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
     returns its shard of the output; its attention and memory work on the full sequence (full_sequence)."""
 
@@ -219,7 +222,7 @@ class MACMixer(nn.Module):
             y, attn_cache = self.attn(
                 segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=self.context_norm(h)
             )
-            m, memory_cache = self.memory(y, memory_cache)
+            m, memory_cache = self.memory(segment + y, memory_cache)
             outputs.append(y * torch.sigmoid(self.gate_norm(m)))
             start, offset = start + n, (offset + n) % self.segment
         out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1))

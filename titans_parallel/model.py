@@ -19,6 +19,10 @@ What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_p
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +44,7 @@ class TitansLM(nn.Module):
     """Decoder-only language model. `model(input_ids [B, T])` -> logits [B, T, vocab] (the full vocabulary, also
     under TP); `model(input_ids, labels)` = `model.loss(input_ids, labels)` -> mean loss, without full-vocabulary
     logits under TP (use it for training). `model.decode(ids, cache)` continues a sequence from a cache; `generate`
-    samples.
+    samples, `stream` yields the sampled tokens as they come.
 
     Initialisation happens once, at construction, layer by layer through the factories (normal with init_std; the
     projections into the residual stream init_std / sqrt(2 n_layers); the memory's own rules; norms 1), so a TP
@@ -110,6 +114,35 @@ class TitansLM(nn.Module):
         return self.output(self.norm(x)), new_caches
 
     @torch.no_grad()
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token ids [B] of the prompt [B, T0], max_new_tokens times: the prompt is prefilled once,
+        then each token is decoded from the caches (O(1) per token in the context length: attention keeps a window,
+        the memory a fixed-size state), only when the next one is asked for. temperature 0 = greedy; top_k, top_p
+        as in `next_token_probs`. TP off only."""
+        if self.parallel.tp_enabled:
+            raise NotImplementedError(
+                "generate under tensor parallel (every rank would have to draw the same samples); build the model "
+                "without init_parallel or with tp=1"
+            )
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+        logits, cache = self.decode(input_ids, None)
+        for step in range(max_new_tokens):
+            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
+            yield nxt
+            if step + 1 < max_new_tokens:
+                logits, cache = self.decode(nxt[:, None], cache)
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -118,41 +151,81 @@ class TitansLM(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
-        """Prefill the prompt [B, T0] once, then decode token by token from the caches (O(1) per token in the
-        context length: attention keeps a window, the memory a fixed-size state). temperature 0 = greedy.
-        Returns [B, T0 + n] (stops early when every row has produced eos_id). TP off only."""
-        if self.parallel.tp_enabled:
-            raise NotImplementedError(
-                "generate under tensor parallel (every rank would have to draw the same samples); build the model "
-                "without init_parallel or with tp=1"
-            )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
-        logits, cache = self.decode(input_ids, None)
+        """The prompt [B, T0] and its continuation from `stream`: [B, T0 + n]; stops early when every row has
+        produced eos_id (a finished row is filled with eos_id)."""
         tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator)
+        for nxt in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator):
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             tokens.append(nxt[:, None])
             if eos_id is not None and bool(done.all()):
                 break
-            logits, cache = self.decode(nxt[:, None], cache)
         return torch.cat(tokens, dim=1)
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first setting out of range: max_new_tokens >= 0, temperature >= 0, top_k >= 1,
+    top_p in (0, 1]."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def next_token_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """logits [B, V] -> the sampling distribution [B, V] (fp32): softmax(logits / temperature) (temperature > 0)
+    restricted to the top_k largest logits, then to the nucleus (the most probable tokens, in order, until their
+    mass reaches top_p; the token that reaches it included), renormalised."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0)  # mass before a token already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: the argmax at temperature 0, else a draw from `next_token_probs`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """The cache (from `TitansLM.decode`) of batch rows `rows` [n] (indices, repeats allowed) of the batch it
+    summarises: every tensor in a cache has the batch first, so continuing from the result equals continuing those
+    rows alone."""
+    if isinstance(cache, torch.Tensor):
+        return cache.index_select(0, rows)
+    if dataclasses.is_dataclass(cache):
+        return dataclasses.replace(cache, **{f.name: select_rows(getattr(cache, f.name), rows)
+                                             for f in dataclasses.fields(cache)})
+    if isinstance(cache, tuple):
+        items = [select_rows(c, rows) for c in cache]
+        return type(cache)(*items) if hasattr(cache, "_fields") else tuple(items)
+    if isinstance(cache, list):
+        return [select_rows(c, rows) for c in cache]
+    return cache  # positions and offsets (ints), None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

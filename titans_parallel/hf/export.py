@@ -1,6 +1,7 @@
 """Write a self-contained transformers export of a TitansLM state dict: `config.json` (TitansConfig with auto_map),
 `generation_config.json`, `model.safetensors` (keys `model.<TitansLM key>`, fp32, a tied alias stored once),
-optionally `tokenizer.model` + `tokenizer_config.json` (TitansTokenizer), and the remote code:
+optionally `tokenizer.model` + `tokenizer_config.json` (TitansTokenizer; special tokens in `save_hf_tokenizer`,
+the reasons in docs/export.md), and the remote code:
 `modeling_titans.py`, `configuration_titans.py`, `tokenization_titans.py` and every titans_parallel module they
 import, copied from this package at export time as flat modules (transformers' remote-code loader only follows
 `from .x import` between files of one folder), so the export loads without titans_parallel installed and keeps
@@ -43,9 +44,11 @@ def save_hf_export(
     out_dir: str | Path,
     *,
     tokenizer: Path | None = None,
+    seq_len: int | None = None,
 ) -> None:
     """Write the export of a full TitansLM state dict into the existing folder `out_dir`, with the sentencepiece
-    model `tokenizer` (see `save_hf_tokenizer`) when given."""
+    model `tokenizer` (see `save_hf_tokenizer`; `seq_len`, the training length, as its model_max_length) when
+    given."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -53,7 +56,7 @@ def save_hf_export(
 
     out_dir = Path(out_dir)
     bundle_source(out_dir)
-    special = save_hf_tokenizer(tokenizer, out_dir) if tokenizer is not None else {}
+    special = save_hf_tokenizer(tokenizer, out_dir, seq_len) if tokenizer is not None else {}
     config = TitansConfig(titans=to_mapping(model_config), architectures=["TitansForCausalLM"], **special)
     config.auto_map = AUTO_MAP
     config.save_pretrained(out_dir)
@@ -64,23 +67,28 @@ def save_hf_export(
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_hf_tokenizer(tokenizer: Path, out_dir: Path) -> dict[str, int]:
+def save_hf_tokenizer(tokenizer: Path, out_dir: Path, seq_len: int | None = None) -> dict[str, int]:
     """Copy the sentencepiece model as `tokenizer.model` with a `tokenizer_config.json` for `TitansTokenizer`
-    (encodes exactly as sentencepiece does, no BOS added, special-token text not parsed); returns the special ids
-    (bos / eos, and eos as pad for batched generation)."""
+    (encodes exactly as sentencepiece does, nothing added, special-token text not parsed; model_max_length =
+    seq_len when given). Pretraining starts every document after an EOS and never sees sentencepiece's BOS, so EOS
+    is declared as bos, eos and pad token alike (what lm-eval prefixes, what `generate` starts from and pads
+    with). Returns those ids for the model and generation configs."""
     import sentencepiece as spm
 
     shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    ids = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
-    config = {f"{name}_token": sp.id_to_piece(i) for name, i in ids.items() if i >= 0}
+    if sp.eos_id() < 0:
+        raise ValueError(f"tokenizer {tokenizer} has no EOS piece; pretraining separates documents with it")
+    eos = sp.id_to_piece(sp.eos_id())
+    config = {"bos_token": eos, "eos_token": eos, "pad_token": eos, "add_bos_token": False, "add_eos_token": False}
+    if sp.unk_id() >= 0:
+        config["unk_token"] = sp.id_to_piece(sp.unk_id())
+    if seq_len is not None:
+        config["model_max_length"] = seq_len
     config.update(tokenizer_class="TitansTokenizer", auto_map={"AutoTokenizer": [TOKENIZER_CLASS, None]},
                   split_special_tokens=True, clean_up_tokenization_spaces=False)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    special = {f"{name}_token_id": ids[name] for name in ("bos", "eos") if ids[name] >= 0}
-    if "eos_token_id" in special:
-        special["pad_token_id"] = special["eos_token_id"]
-    return special
+    return {f"{name}_token_id": sp.eos_id() for name in ("bos", "eos", "pad")}
 
 
 def bundle_source(out_dir: str | Path) -> list[str]:

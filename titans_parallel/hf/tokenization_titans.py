@@ -8,4 +8,13 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 class TitansTokenizer(SentencePieceBackend):
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return self.sp_model.decode_pieces(tokens)
+        """sentencepiece's decoding, with the special tokens it would drop (EOS, unk) written as their text, as
+        `decode(ids, skip_special_tokens=False)` promises (lm-eval stops generation at the EOS text)."""
+        special, parts, run = set(self.all_special_tokens), [], []
+        for token in tokens:
+            if token in special:
+                parts += [self.sp_model.decode_pieces(run), token]
+                run = []
+            else:
+                run.append(token)
+        return "".join(parts + [self.sp_model.decode_pieces(run)])

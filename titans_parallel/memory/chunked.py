@@ -30,9 +30,11 @@ from .state import (
     GATE_EPS,
     POLYAK_CURVATURE_FLOOR,
     POLYAK_EPS,
+    WEIGHT_NORM_EPS,
     Activation,
     MemoryState,
     check_scan_args,
+    column_norms,
     effective_theta,
     polyak_scale,
 )
@@ -102,6 +104,7 @@ def memory_scan(
     compile: bool = False,
     polyak_step: bool = False,
     momentum_ema: bool = False,
+    normalize_weights: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Run the neural memory over a sequence; returns (y [B, H, T, d_out] in q's dtype, state at the end).
 
@@ -113,7 +116,9 @@ def memory_scan(
     backward) through torch.compile, fusing their elementwise work; each new shape compiles once (~10 s on CPU).
     Stabilisers (docs/memory.md; both off = the paper's rule): `momentum_ema` scales theta_t by (1 - eta_t);
     `polyak_step` scales token t's step by `state.polyak_scale` of its loss and gradient at the chunk-start state
-    (a per-token factor of the mixing and update coefficients, computed inside each chunk step).
+    (a per-token factor of the mixing and update coefficients, computed inside each chunk step);
+    `normalize_weights` rescales every W_l's columns at each chunk end to their lengths at the call's start
+    (`state.renormalized`; the explicit backward maps gradients through it between chunk steps).
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     if backward not in BACKWARD_MODES:
@@ -141,9 +146,13 @@ def memory_scan(
         inputs = (chunks(k, 0.0), chunks(v, 0.0), chunks(q, 0.0), *coef)
         if backward == "explicit":
             compiled = compile and C == chunk_size
-            y, *stacked = _ChunkLoop.apply(activation, retrieve, polyak_step, compiled, *inputs, *stacked)
+            y, *stacked = _ChunkLoop.apply(
+                activation, retrieve, polyak_step, normalize_weights, compiled, *inputs, *stacked
+            )
         else:
-            y, stacked = _forward_chunks(ACTIVATIONS[activation], retrieve, polyak_step, inputs, stacked, saved=None)
+            y, stacked = _forward_chunks(
+                ACTIVATIONS[activation], retrieve, polyak_step, normalize_weights, inputs, stacked, saved=None
+            )
         y = y.reshape(B, H, N * C, -1)[:, :, :T]
     stacked = [s.unflatten(0, (B, H)) for s in stacked]
     weights = tuple(s[:, :, : w.shape[-2]] for s, w in zip(stacked, state.weights))
@@ -176,20 +185,40 @@ class _Intermediates(NamedTuple):
 
 
 def _forward_chunks(
-    act: Activation, retrieve: str, polyak: bool, inputs: tuple, states: list, saved: list | None, step=None
+    act: Activation,
+    retrieve: str,
+    polyak: bool,
+    normalize: bool,
+    inputs: tuple,
+    states: list,
+    saved: list | None,
+    step=None,
+    lengths: list | None = None,
 ) -> tuple[torch.Tensor, list]:
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
-    [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given. `step` replaces
-    `_chunk_forward` (by its compiled twin)."""
+    [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given and, with
+    `normalize`, each chunk's pre-normalisation column lengths (clamped) [BH, 1, out_l] per layer to `lengths`.
+    `step` replaces `_chunk_forward` (by its compiled twin)."""
     step = step or _chunk_forward
+    targets = [column_norms(_top(s)) for s in states] if normalize else None
     outputs = []
     for chunk in zip(*(t.unbind(1) for t in inputs)):
         z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
         outputs.append(z)
         if saved is not None:
             saved.append(kept)
+        if normalize:
+            norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
+            new_states = [_with_top(s, _top(s) * (n / r)) for s, n, r in zip(new_states, targets, norms)]
+            if lengths is not None:
+                lengths.append(norms)
         states = new_states
     return torch.stack(outputs, dim=1), states
+
+
+def _with_top(stacked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """[top; S] for a stacked [W; S] [BH, 2 in, out]."""
+    return torch.cat([top, stacked[:, stacked.shape[1] // 2 :]], dim=1)
 
 
 def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k, v, q, bf, G, decay, carry, gm):
@@ -264,13 +293,17 @@ class _ChunkLoop(torch.autograd.Function):
     """`_forward_chunks` with the hand-derived backward (module docstring); both steps compiled if asked."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, polyak: bool, compiled: bool, *tensors):
+    def forward(ctx, activation: str, retrieve: str, polyak: bool, normalize: bool, compiled: bool, *tensors):
         inputs, states = tensors[:8], list(tensors[8:])
         saved: list[_Intermediates] = []
+        lengths: list[list[torch.Tensor]] = []
         step = _compiled(_chunk_forward, inputs[0].device.type) if compiled else None
-        y, end_states = _forward_chunks(ACTIVATIONS[activation], retrieve, polyak, inputs, states, saved, step)
+        y, end_states = _forward_chunks(
+            ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, lengths
+        )
         ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
-        ctx.polyak = polyak
+        ctx.polyak, ctx.normalize, ctx.lengths = polyak, normalize, lengths
+        ctx.end_weights = [_top(s).clone() for s in end_states] if normalize else None
         ctx.save_for_backward(*inputs)
         return (y, *end_states)
 
@@ -283,13 +316,40 @@ class _ChunkLoop(torch.autograd.Function):
         d_states = [torch.zeros_like(s) if d is None else d for s, d in zip(saved[-1].states, d_end_states)]
         dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
         grads = [[] for _ in inputs]
+        if ctx.normalize:
+            targets = [column_norms(_top(st)) for st in saved[0].states]
+            d_targets = [torch.zeros_like(t) for t in targets]
         for n in range(len(saved) - 1, -1, -1):
+            if ctx.normalize:
+                ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
+                d_states = [
+                    _renormalized_backward(d, w, t, r, d_t)
+                    for d, w, t, r, d_t in zip(d_states, ends, targets, ctx.lengths[n], d_targets)
+                ]
             chunk = [t[:, n] for t in inputs]
             chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
-        ctx.intermediates = None
-        return (None, None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
+        if ctx.normalize:  # the targets are the start weights' column norms
+            d_states = [
+                _with_top(d, _top(d) + _top(st) / t.clamp_min(WEIGHT_NORM_EPS) * d_t)
+                for d, st, t, d_t in zip(d_states, saved[0].states, targets, d_targets)
+            ]
+        ctx.intermediates = ctx.lengths = ctx.end_weights = None
+        return (None, None, None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
+
+
+def _renormalized_backward(
+    d_stacked: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor, d_target
+) -> torch.Tensor:
+    """Backward of W' = W target / r (r = |W| per column, clamped): given d[W'; S] and W', returns d[W; S] and adds
+    the target's gradient to d_target [BH, 1, out] in place. With u = W' / target = W / r:
+    dW = (target / r) (dW' - u (u . dW')), d target = u . dW'."""
+    d_top = _top(d_stacked)
+    u = normalized / target.clamp_min(WEIGHT_NORM_EPS)
+    along = (u * d_top).sum(-2, keepdim=True)
+    d_target.add_(along)
+    return _with_top(d_stacked, (target / length) * (d_top - u * along))
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,8 +61,9 @@ class NeuralMemory(nn.Module):
 
     Initialisation (normal, by standard deviation): in_proj and gate_proj weights init_std, out_proj out_std, conv
     1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
-    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step` and
-    `momentum_ema` are the scan's stabilisers (docs/memory.md); with both off the update is the paper's rule.
+    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step`,
+    `momentum_ema` and `normalize_weights` are the scan's stabilisers (docs/memory.md); with all off the update is
+    the paper's rule.
     `learning = False` switches test-time learning off (theta = alpha = 0: the memory stays at W_0), to measure
     what it adds.
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
@@ -86,6 +87,7 @@ class NeuralMemory(nn.Module):
         norm_eps: float = 1e-6,
         polyak_step: bool = True,
         momentum_ema: bool = True,
+        normalize_weights: bool = False,
         *,
         init_std: float = 0.02,
         out_std: float = 0.02,
@@ -96,7 +98,7 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
         self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
         self.full_sequence = full_sequence
-        self.polyak_step, self.momentum_ema = polyak_step, momentum_ema
+        self.polyak_step, self.momentum_ema, self.normalize_weights = polyak_step, momentum_ema, normalize_weights
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
         column = functools.partial(
             column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
@@ -225,5 +227,5 @@ class NeuralMemory(nn.Module):
         return memory_scan(
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
             chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation, compile=self.compile_scan,
-            polyak_step=self.polyak_step, momentum_ema=self.momentum_ema,
+            polyak_step=self.polyak_step, momentum_ema=self.momentum_ema, normalize_weights=self.normalize_weights,
         )

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .state import ACTIVATIONS, GATE_EPS, MemoryState, check_scan_args, effective_theta, polyak_scale
+from .state import (
+    ACTIVATIONS,
+    GATE_EPS,
+    MemoryState,
+    check_scan_args,
+    column_norms,
+    effective_theta,
+    polyak_scale,
+    renormalized,
+)
 
 
 def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
@@ -30,13 +39,15 @@ def memory_scan_reference(
     activation: str = "silu",
     polyak_step: bool = False,
     momentum_ema: bool = False,
+    normalize_weights: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Same contract as `memory_scan`, one token at a time.
 
     S_t = eta_t S_{t-1} - theta_t grad_W l_t(W_{t'}),  W_t = (1 - alpha_t) W_{t-1} + S_t, where t' is the state at
     the start of token t's chunk and the inner gradient comes from autograd (independent of the dual form).
     `momentum_ema`: theta_t -> theta_t (1 - eta_t); `polyak_step`: theta_t -> theta_t * `polyak_scale` of token t's
-    loss and gradient at W_{t'} (both differentiated through).
+    loss and gradient at W_{t'} (both differentiated through); `normalize_weights`: after a chunk's last token
+    (and the call's), W_l -> `renormalized` to the column norms of the call's first W_l.
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
@@ -46,6 +57,7 @@ def memory_scan_reference(
     keep = (1 - alpha.to(dtype)).clamp(GATE_EPS, 1.0)
     weights = [w.to(dtype) for w in state.weights]
     momentum = [s.to(dtype) for s in state.momentum]
+    targets = [column_norms(w) for w in weights]
     outputs = []
     with torch.enable_grad():
         for t in range(q.shape[2]):
@@ -68,5 +80,7 @@ def memory_scan_reference(
             weights = [forget_keep * w + s for w, s in zip(weights, momentum)]
             if retrieve == "inclusive":
                 outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(weights), activation))
+            if normalize_weights and ((t + 1) % chunk_size == 0 or t == q.shape[2] - 1):
+                weights = [renormalized(w, n) for w, n in zip(weights, targets)]
     y = torch.cat(outputs, dim=2) if outputs else q.new_zeros(q.shape[:3] + (v.shape[-1],))
     return y.to(out_dtype), MemoryState(tuple(weights), tuple(momentum))

@@ -25,6 +25,23 @@ def polyak_scale(loss: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
     return 2 * loss / (grad_sq + 4 * POLYAK_CURVATURE_FLOOR * loss + POLYAK_EPS)
 
 
+# `normalize_weights=True` (docs/memory.md): at every chunk end each memory weight matrix W_l [.., in, out] has its
+# columns rescaled to the lengths they had at the start of the call, so an update turns the weights but cannot
+# grow them, and the Jacobian of a chunk's update stays near an isometry. A column shorter than WEIGHT_NORM_EPS
+# counts as that long (a zero column stays zero).
+WEIGHT_NORM_EPS = 1e-12
+
+
+def column_norms(w: torch.Tensor) -> torch.Tensor:
+    """|W[.., :, j]| for every column j: [.., in, out] -> [.., 1, out]."""
+    return torch.linalg.vector_norm(w, dim=-2, keepdim=True)
+
+
+def renormalized(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """W with each column rescaled to length target [.., 1, out] (`normalize_weights`)."""
+    return w * (target / column_norms(w).clamp_min(WEIGHT_NORM_EPS))
+
+
 def effective_theta(theta: torch.Tensor, eta: torch.Tensor, momentum_ema: bool) -> torch.Tensor:
     """theta, or theta (1 - eta) with `momentum_ema` (the momentum becomes an average of -theta grad whose
     weights sum to 1, so theta is the effective step however close eta is to 1). eta is already clamped."""
