@@ -14,17 +14,17 @@ from titans_parallel import ModelConfig, TitansLM
 from titans_parallel.config import MemoryConfig
 
 
-def tiny(variant: str, **kw) -> TitansLM:
+def tiny(variant: str, **memory) -> TitansLM:
     torch.manual_seed(0)
     return TitansLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, variant=variant, window=8,
-                                n_persistent=2, memory=MemoryConfig(chunk_size=4), **kw)).eval()
+                                n_persistent=2, memory=MemoryConfig(chunk_size=4, **memory))).eval()
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+@pytest.mark.parametrize("variant,memory", [("mac", {}), ("mag", {}), ("mal", {}), ("mac", {"normalize_weights": True})])
 @pytest.mark.parametrize("chunk", [1, 5, 16, 100])
-def test_streaming_gives_the_one_pass_loss(variant, chunk):
+def test_streaming_gives_the_one_pass_loss(variant, memory, chunk):
     """Pieces of any size (not a multiple of the memory chunk or window) give the one-shot forward's losses."""
-    model = tiny(variant)
+    model = tiny(variant, **memory)
     tokens = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none")
