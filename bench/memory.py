@@ -4,8 +4,8 @@
     python bench/memory.py --dim 1024 --heads 16 --chunk 64 --batch 4 --seq 4096 --device cuda
 
 Ours runs four times: eager and with `compile_scan=True` (each chunk step through torch.compile; its compile time is
-spent in the warm-up round, not timed), each with the paper's rule and with the stabilisers (`polyak_step`,
-`momentum_ema`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
+spent in the warm-up round, not timed), each with the paper's rule and with the default stabilisers (`polyak_step`,
+`momentum_ema`, `normalize_weights`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
 with its default batch_size=None (every inner gradient taken at the initial weights) and with batch_size = chunk
 (the paper's rule, which we compute). Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
 All runs are interleaved round by round (`timing.interleaved_medians`).
@@ -19,8 +19,8 @@ import torch
 from timing import interleaved_medians
 from titans_parallel.memory import NeuralMemory
 
-STABILISED = dict(polyak_step=True, momentum_ema=True)
-PAPER_RULE = dict(polyak_step=False, momentum_ema=False)
+STABILISED = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)  # the defaults
+PAPER_RULE = dict(polyak_step=False, momentum_ema=False, normalize_weights=False)
 OURS = {  # label: (compile_scan, rule)
     "titans-parallel eager, paper rule": (False, PAPER_RULE),
     "titans-parallel eager, stabilised": (False, STABILISED),

@@ -57,12 +57,12 @@ def sweep_case(
     loss = y.float().square().mean() + sum(w.square().mean() for w in end.weights)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     finite = bool(torch.isfinite(loss)) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-    grad_norm = max(g.float().norm().item() for g in grads if g is not None)
+    grad_norm = max(g.double().norm().item() for g in grads if g is not None)  # fp32 norms overflow first
     return finite, max(w.abs().max().item() for w in end.weights), grad_norm
 
 
 def run_sweep(args) -> None:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
     print(f"sweep: T={args.seq} B={args.batch} H={args.heads} d={args.head_dim}; cell = finite? max|W| at the end, "
           f"largest input-gradient norm")
     header = f"{'rule':11s} {'depth':>5s} {'chunk':>5s} {'dtype':>5s} " + " ".join(f"{t:>24g}" for t in args.thetas)
@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--thetas", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16", "fp64"),
+                        help="fp64: the gradient's growth without overflow")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--filler", type=int, default=64)
     parser.add_argument("--store-batch", type=int, default=64)

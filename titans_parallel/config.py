@@ -25,10 +25,10 @@ class MemoryConfig:
     activation: Literal["silu", "gelu"] = "silu"
     retrieve: Literal["inclusive", "exclusive", "chunk"] = "inclusive"
     compile_scan: bool = False  # torch.compile each chunk step (fused kernels; compiles once per shape)
-    # Stabilisers of the inner update (docs/memory.md); both false = the paper's rule exactly.
+    # Stabilisers of the inner update (docs/memory.md); all false = the paper's rule exactly.
     polyak_step: bool = True  # each token's step scaled to the Polyak step of its own loss (theta 1 = full correction)
     momentum_ema: bool = True  # theta_t -> theta_t (1 - eta_t): momentum averages the steps instead of summing them
-    normalize_weights: bool = False  # at every chunk end the memory's weight columns keep their initial lengths
+    normalize_weights: bool = True  # at every chunk end the memory's weight columns keep their initial lengths
 
     def __post_init__(self):
         for name in ("depth", "expansion", "chunk_size", "conv_kernel"):

@@ -87,7 +87,7 @@ class NeuralMemory(nn.Module):
         norm_eps: float = 1e-6,
         polyak_step: bool = True,
         momentum_ema: bool = True,
-        normalize_weights: bool = False,
+        normalize_weights: bool = True,
         *,
         init_std: float = 0.02,
         out_std: float = 0.02,
