@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                          if c["task"] == task and c["learning"] == learning}
                 write_heatmap(out / f"niah_{task}_{learning}.png", cells,
                               f"S-NIAH {task}, test-time learning {learning}: exact accuracy (%)")
-        print(f"wrote {out / 'results.json'} and the heatmaps in {out}")
+        print(f"wrote {out / 'results.json'}" + (f" and the heatmaps in {out}" if "niah" in results else ""))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ def write_heatmap(path: str | Path, accuracy: dict[tuple[float, int], float], ti
     """Write the heatmap of accuracy {(depth %, length): accuracy in [0, 1]} (a full grid) to `path` (PNG)."""
     depths = sorted({d for d, _ in accuracy})
     lengths = sorted({n for _, n in accuracy})
-    width, height = LEFT + CELL_W * len(lengths) + 16, TOP + CELL_H * len(depths) + BOTTOM
+    font = ImageFont.load_default()
+    axis = "context length (tokens)  /  needle depth (rows)"
+    text_width = max(font.getlength(t) for t in (title, axis))
+    width = max(LEFT + CELL_W * len(lengths), LEFT + round(text_width)) + 16
+    height = TOP + CELL_H * len(depths) + BOTTOM
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
     draw.text((LEFT, 12), title, fill="black", font=font)
     for r, depth in enumerate(depths):
         x0, y0, _, y1 = cell_box(r, 0)
@@ -50,7 +53,7 @@ def write_heatmap(path: str | Path, accuracy: dict[tuple[float, int], float], ti
     for c, length in enumerate(lengths):
         x0, _, x1, _ = cell_box(0, c)
         draw.text(((x0 + x1) / 2, y), str(length), fill="black", font=font, anchor="ma")
-    draw.text((LEFT, y + 18), "context length (tokens)  /  needle depth (rows)", fill="black", font=font)
+    draw.text((LEFT, y + 18), axis, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
