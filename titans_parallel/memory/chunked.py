@@ -209,7 +209,11 @@ def _forward_chunks(
             saved.append(kept)
         if normalize:
             norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
-            new_states = [_with_top(s, _top(s) * (n / r)) for s, n, r in zip(new_states, targets, norms)]
+            if torch.is_grad_enabled():  # backward="autograd": out of place, autograd keeps the norms' inputs
+                new_states = [_with_top(s, _top(s) * (n / r)) for s, n, r in zip(new_states, targets, norms)]
+            else:  # the explicit backward's forward: the step's fresh end states, scaled in place
+                for s, n, r in zip(new_states, targets, norms):
+                    _top(s).mul_(n / r)
             if lengths is not None:
                 lengths.append(norms)
         states = new_states
@@ -319,37 +323,33 @@ class _ChunkLoop(torch.autograd.Function):
         if ctx.normalize:
             targets = [column_norms(_top(st)) for st in saved[0].states]
             d_targets = [torch.zeros_like(t) for t in targets]
+            d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
         for n in range(len(saved) - 1, -1, -1):
             if ctx.normalize:
                 ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
-                d_states = [
-                    _renormalized_backward(d, w, t, r, d_t)
-                    for d, w, t, r, d_t in zip(d_states, ends, targets, ctx.lengths[n], d_targets)
-                ]
+                for d, w, t, r, d_t in zip(d_states, ends, targets, ctx.lengths[n], d_targets):
+                    _renormalized_backward_(_top(d), w, t, r, d_t)
             chunk = [t[:, n] for t in inputs]
             chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
         if ctx.normalize:  # the targets are the start weights' column norms
-            d_states = [
-                _with_top(d, _top(d) + _top(st) / t.clamp_min(WEIGHT_NORM_EPS) * d_t)
-                for d, st, t, d_t in zip(d_states, saved[0].states, targets, d_targets)
-            ]
+            for d, st, t, d_t in zip(d_states, saved[0].states, targets, d_targets):
+                _top(d).addcmul_(_top(st), d_t / t.clamp_min(WEIGHT_NORM_EPS))
         ctx.intermediates = ctx.lengths = ctx.end_weights = None
         return (None, None, None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
 
 
-def _renormalized_backward(
-    d_stacked: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor, d_target
-) -> torch.Tensor:
-    """Backward of W' = W target / r (r = |W| per column, clamped): given d[W'; S] and W', returns d[W; S] and adds
-    the target's gradient to d_target [BH, 1, out] in place. With u = W' / target = W / r:
+def _renormalized_backward_(
+    d_weight: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor, d_target
+) -> None:
+    """Backward of W' = W target / r (r = |W| per column, clamped), in place: turns dW' [BH, in, out] into dW and
+    adds the target's gradient to d_target [BH, 1, out]. With u = W' / target = W / r:
     dW = (target / r) (dW' - u (u . dW')), d target = u . dW'."""
-    d_top = _top(d_stacked)
-    u = normalized / target.clamp_min(WEIGHT_NORM_EPS)
-    along = (u * d_top).sum(-2, keepdim=True)
+    safe = target.clamp_min(WEIGHT_NORM_EPS)
+    along = torch.linalg.vecdot(normalized, d_weight, dim=-2).unsqueeze(-2) / safe
     d_target.add_(along)
-    return _with_top(d_stacked, (target / length) * (d_top - u * along))
+    d_weight.addcmul_(normalized, along / safe, value=-1).mul_(target / length)
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
