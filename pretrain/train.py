@@ -27,7 +27,6 @@ from pretrain import quiet  # first: importing it filters known harmless library
 
 import argparse
 import os
-import shutil
 import socket
 import sys
 import time
@@ -41,17 +40,17 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint
-from pretrain.config import JobConfig, deepspeed_config, load_job_config, run_cli
+from pretrain.config import JobConfig, load_job_config, run_cli
+from pretrain.engine import build_engine, global_grad_norm, init_distributed
 from pretrain.eval.niah import fixed_task_batches
 from pretrain.eval.tasks import TaskBatch, score
 from pretrain.flops import device_peak_flops, flops_per_token, parameter_counts
 from pretrain.monitor import Monitor, dataset_line, startup_lines
-from pretrain.optim import build_optimizer
 from pretrain.preemption import PreemptionFlag, mark_clean_exit
+from pretrain.universal import to_universal, universal_checkpoint_info
 from titans_parallel import TitansLM
 from titans_parallel.parallel import destroy_parallel, init_parallel
 from titans_parallel.parallel.grads import register_sequence_parallel_grad_hooks
-from titans_parallel.parallel.metadata import universal_checkpoint_info
 
 BatchSource = Callable[[int, int], torch.Tensor]  # (step, micro_step) -> tokens [B, seq_len + 1] for this rank
 
@@ -126,18 +125,12 @@ def train(config: JobConfig, batches: BatchSource | None = None, resume_from: st
     from checkpoint.dir's `latest` when there is one (`reset_data_position`: the loader starts from its beginning).
     Rank 0 holds checkpoint.dir's lock meanwhile.
     """
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        with quiet.filtered_stdout():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    init_distributed()
     quiet.rank_policy(dist.get_rank())
     dims = init_parallel(config.parallel.tp, sequence_parallel=config.parallel.sequence_parallel, seed=config.train.seed)
     try:
         with checkpoint.locked(config.checkpoint.dir):
-            return _train(config, dims, batches, deepspeed, resume_from, reset_data_position)
+            return _train(config, dims, batches, resume_from, reset_data_position)
     finally:
         destroy_parallel()
 
@@ -177,42 +170,14 @@ def _resume_point(config: JobConfig, resume_from: str | None, reset_data: bool =
                         reset_data)
 
 
-def _universal_checkpoint(tag_dir: Path) -> Path:
-    """DeepSpeed's universal form of a checkpoint (made once by rank 0 with ds_to_universal, then reused):
-    parameters and optimizer states merged over TP and ZeRO shards, loadable at any layout."""
-    out = tag_dir.parent / "universal" / tag_dir.name
-    if dist.get_rank() == 0 and not (out / checkpoint.JOB_FILE).is_file():
-        from argparse import Namespace
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        shutil.rmtree(out, ignore_errors=True)
-        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        with checkpoint.weights_only_loads():
-            ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=workers,
-                                      num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=False))
-        shutil.copy(tag_dir / checkpoint.JOB_FILE, out / checkpoint.JOB_FILE)  # marks the conversion complete
-    dist.barrier()
-    return out
-
-
-def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resume_from: str | None,
+def _train(config: JobConfig, dims, batches: BatchSource | None, resume_from: str | None,
            reset_data_position: bool = False) -> TrainResult:
     is_main = dist.get_rank() == 0
     resume = _resume_point(config, resume_from, reset_data_position)
     model = TitansLM(config.model)
     register_sequence_parallel_grad_hooks(model)
-    optimizer, scheduler = build_optimizer(model, config)
-    recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    ds_config = deepspeed_config(config)
-    if resume is not None and resume.relayout:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=dims.mpu
-    )
-    if config.train.zero_stage == 3:
-        _register_mixer_parameters(engine.module, deepspeed)
+    built = build_engine(config, model, load_universal=resume is not None and resume.relayout)
+    engine, scheduler, recipe_groups = built.engine, built.scheduler, built.recipe_groups
     loader = val_root = None
     eval_tasks = {}
     if batches is None:
@@ -254,7 +219,7 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
                 loss = loss * float("nan")  # fault injection (TITANS_INJECT_NAN_AT_STEP), a testing aid
             engine.backward(loss)
             if micro == train_cfg.grad_accum - 1:
-                grad_norm = _global_grad_norm(engine)
+                grad_norm = global_grad_norm(engine)
                 dropped = grad_norm is not None and not isfinite(grad_norm)  # ZeRO-0 fp32 (agreed: a global norm)
             with _without_update(engine, dropped):
                 engine.step()
@@ -292,23 +257,13 @@ def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resu
     return result
 
 
-def _register_mixer_parameters(model: TitansLM, deepspeed) -> None:
-    """ZeRO-3 gathers a module's parameters when that module's forward runs. Mixers also use their submodules'
-    parameters directly (MAC's retrieval reads the memory's projections, persistent tokens and attention prefixes
-    are multiplied by hand), so every mixer's parameters are registered as its own: gathered for its whole forward
-    and backward."""
-    for block in model.layers:
-        for param in block.mixer.parameters():
-            deepspeed.zero.register_external_parameter(block.mixer, param)
-
-
 def _load(engine, resume: _ResumePoint, loader, scheduler, recipe_groups: list[dict]) -> int:
     """Load model, optimizer and scheduler states (weights-only reads), the RNG and the data position; returns the
     step to continue from. With the same layout every rank gets exactly its own state back; after a change of
     layout ranks that did not exist take rank 0's RNG state, and the data position is re-split by epoch fraction.
     This recipe's optimizer hyperparameters and schedule then replace the restored ones (`_apply_recipe`)."""
     tag_dir = resume.tag_dir
-    source = _universal_checkpoint(tag_dir) if resume.relayout else tag_dir
+    source = to_universal(tag_dir) if resume.relayout else tag_dir
     with checkpoint.deepspeed_loads(engine):
         load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if load_path is None:
@@ -356,16 +311,6 @@ def _restore_data_position(loader, resume: _ResumePoint, rank_state: dict) -> No
             f"{resume.tag_dir} {why}. Pass --reset-data-position to read this run's data from its beginning (the "
             f"model, optimizer and schedule continue from step {resume.job['step']})", agreed=True)
     loader.load_state_dict(state, allow_resplit=resume.relayout)
-
-
-def _global_grad_norm(engine) -> float | None:
-    """The pre-clipping global gradient norm when the engine will not record it (ZeRO-0 in fp32 clips without
-    keeping the norm); DeepSpeed's own rule, so TP-sharded parameters count once per shard. None otherwise."""
-    if engine.zero_optimization_stage() or engine.bfloat16_enabled():
-        return None
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    return float(clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu))
 
 
 class DivergenceError(RuntimeError):

@@ -1,12 +1,12 @@
 """Tensor and sequence parallelism: process groups (megatron-core `parallel_state`), TP/SP layer factories,
-gradient fix-ups for DeepSpeed. Importing this package does not import megatron-core; `init_parallel` does.
+gradient fix-ups for a data-parallel engine. Importing this package does not import megatron-core; `init_parallel` does.
 
 `cpu_megatron.enable_cpu_megatron` (called by `init_parallel`) is the one place that makes megatron-core run on a
 host without CUDA.
 """
 
 from .grads import mark_sequence_parallel, mark_tensor_parallel, register_sequence_parallel_grad_hooks
-from .groups import DeepSpeedMPU, ParallelDims, destroy_parallel, init_parallel, parallel_dims
+from .groups import ParallelDims, destroy_parallel, init_parallel, parallel_dims
 from .layers import (
     column_parallel_input,
     column_parallel_linear,
@@ -23,7 +23,6 @@ from .layers import (
 )
 
 __all__ = [
-    "DeepSpeedMPU",
     "ParallelDims",
     "column_parallel_input",
     "column_parallel_linear",
