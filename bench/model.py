@@ -19,15 +19,15 @@ import torch
 
 from timing import interleaved_medians
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
+from titans_parallel.config import MEMORY_KINDS
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
-MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
 
 
 def our_model(variant: str, compiled: bool, args) -> TitansLM:
     """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does."""
     pattern = None
-    if variant in MEMORY_VARIANTS and args.layers == 4:
+    if variant in MEMORY_KINDS and args.layers == 4:
         pattern = ["swa", variant, "swa", variant]
     memory = MemoryConfig(chunk_size=args.chunk, depth=2, expansion=4, compile_scan=compiled)
     config = ModelConfig(
@@ -73,7 +73,7 @@ def main() -> None:
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     models: dict[str, torch.nn.Module] = {}
     for variant in args.variants.split(","):
-        for compiled in modes if variant in MEMORY_VARIANTS else (False,):
+        for compiled in modes if variant in MEMORY_KINDS else (False,):
             name = f"titans-parallel {variant}" + (" compiled" if compiled else "")
             models[name] = our_model(variant, compiled, args)
     if not args.no_peer:

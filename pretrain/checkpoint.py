@@ -83,14 +83,18 @@ def find_resume_point(checkpoint_dir: str | Path) -> Path | None:
     return tag_dir
 
 
-def resolve_resume_path(path: str | Path) -> Path:
-    """--resume-from accepts a tag folder or a checkpoint folder (then its `latest`)."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The one reading of a checkpoint path (conversion, evaluation, generation; training's `--resume-from` reads
+    it alike, then falls back past a damaged `latest`): a complete tag folder (with its job.json) is that checkpoint;
+    any other folder means the tag its `latest` names. A named tag folder wins over a `latest` beside or inside it."""
     path = Path(path)
     if is_complete(path):
         return path
-    found = find_resume_point(path) if path.is_dir() else None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    found = find_resume_point(path)
     if found is None:
-        raise CheckpointError(f"--resume-from {path}: neither a complete checkpoint (no {JOB_FILE}) nor a folder with {LATEST}")
+        raise CheckpointError(f"{path}: no {JOB_FILE}: not a tag folder, or an incomplete checkpoint (and no {LATEST})")
     return found
 
 

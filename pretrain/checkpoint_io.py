@@ -34,11 +34,9 @@ import torch
 from tqdm import tqdm
 
 from pretrain.checkpoint import (
-    JOB_FILE,
-    LATEST,
     CheckpointError,
-    is_complete,
     read_job,
+    resolve_checkpoint,
     torch_load,
     verify,
     weights_only_loads,
@@ -93,18 +91,6 @@ class RankFiles:
 
     model: list[Path]
     optim: list[Path]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder (-> the tag its `latest` names) or a tag folder -> the complete tag folder."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: no {JOB_FILE}: not a tag folder, or an incomplete checkpoint (and no {LATEST})")
-    return path
 
 
 def load_consolidated(path: str | Path, progress: bool = True) -> tuple[StateDict, dict[str, Any], int]:

@@ -33,13 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import CheckpointError, read_job
+from pretrain.checkpoint import CheckpointError, read_job, resolve_checkpoint
 from pretrain.checkpoint_io import (
     ModelSpec,
     StateDict,
     build_model,
     load_consolidated,
-    resolve_checkpoint,
     save_tp_shards,
 )
 from titans_parallel import ModelConfig, TitansLM

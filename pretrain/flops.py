@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from titans_parallel.config import ModelConfig
+from titans_parallel.config import MEMORY_KINDS, ModelConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity).
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -33,7 +33,7 @@ def flops_per_token(config: ModelConfig, n_params_dense: int, seq_len: int) -> f
     memory_vectors = sum(widths[i] + widths[i + 1] for i in range(m.depth))
     memory_forward = heads * (6 * 2 * memory_matrix + 4 * m.chunk_size * memory_vectors)
     for kind in config.layer_pattern:
-        if kind in ("mac", "mag", "mal", "lmm"):
+        if kind in MEMORY_KINDS:
             flops += 3 * memory_forward
         if kind == "attn":
             keys = seq_len / 2

@@ -66,8 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(checkpoint: str | Path, tokenizer: str | Path | None) -> tuple[torch.nn.Module, spm.SentencePieceProcessor]:
     """(TitansLM on the CPU in eval mode, its sentencepiece tokenizer) of a checkpoint or safetensors export."""
-    from pretrain.checkpoint import read_job
-    from pretrain.checkpoint_io import resolve_checkpoint
+    from pretrain.checkpoint import read_job, resolve_checkpoint
     from pretrain.convert import TOKENIZER, tokenizer_path
     from pretrain.data.tokenizer import load_tokenizer
     from pretrain.eval.memory_contribution import load_model_and_seq_len

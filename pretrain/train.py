@@ -27,33 +27,34 @@ from pretrain import quiet  # first: importing it filters known harmless library
 
 import argparse
 import os
-import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import isfinite
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pretrain import checkpoint
-from pretrain.config import JobConfig, deepspeed_config, load_job_config, run_cli
+from pretrain.batches import BatchSource, build_job_loader, dataset_root, loader_batches
+from pretrain.config import JobConfig, load_job_config, run_cli
+from pretrain.data import TokenLoader
+from pretrain.divergence import DivergenceError, DivergenceGuard, injected_nan_step, without_update
+from pretrain.engine import Engine, build_engine, global_grad_norm, init_distributed
 from pretrain.eval.niah import fixed_task_batches
-from pretrain.eval.tasks import TaskBatch, score
-from pretrain.flops import device_peak_flops, flops_per_token, parameter_counts
+from pretrain.eval.tasks import TaskBatch
+from pretrain.flops import ParameterCounts, device_peak_flops, flops_per_token, parameter_counts
 from pretrain.monitor import Monitor, dataset_line, startup_lines
-from pretrain.optim import build_optimizer
 from pretrain.preemption import PreemptionFlag, mark_clean_exit
+from pretrain.resume import ResumePoint, restore, resume_point
+from pretrain.universal import universal_checkpoint_info
+from pretrain.validation import task_accuracies, validation_loss
 from titans_parallel import TitansLM
-from titans_parallel.parallel import destroy_parallel, init_parallel
+from titans_parallel.parallel import ParallelDims, destroy_parallel, init_parallel
 from titans_parallel.parallel.grads import register_sequence_parallel_grad_hooks
-from titans_parallel.parallel.metadata import universal_checkpoint_info
-
-BatchSource = Callable[[int, int], torch.Tensor]  # (step, micro_step) -> tokens [B, seq_len + 1] for this rank
 
 
 @dataclass
@@ -126,381 +127,180 @@ def train(config: JobConfig, batches: BatchSource | None = None, resume_from: st
     from checkpoint.dir's `latest` when there is one (`reset_data_position`: the loader starts from its beginning).
     Rank 0 holds checkpoint.dir's lock meanwhile.
     """
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        with quiet.filtered_stdout():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    init_distributed()
     quiet.rank_policy(dist.get_rank())
     dims = init_parallel(config.parallel.tp, sequence_parallel=config.parallel.sequence_parallel, seed=config.train.seed)
     try:
         with checkpoint.locked(config.checkpoint.dir):
-            return _train(config, dims, batches, deepspeed, resume_from, reset_data_position)
+            return _train(config, dims, batches, resume_from, reset_data_position)
     finally:
         destroy_parallel()
 
 
-@dataclass
-class _ResumePoint:
-    tag_dir: Path
-    job: dict  # the checkpoint's job.json
-    changes: list[str]  # allowed config changes (optimizer, schedule, ...), logged
-    relayout: bool  # written with another world size, TP degree or ZeRO stage: load through a universal checkpoint
-    data: dict = field(default_factory=dict)  # this run's data.path and data.seq_len
-    reset_data: bool = False  # --reset-data-position: the loader starts from its beginning
-
-
-def _resume_point(config: JobConfig, resume_from: str | None, reset_data: bool = False) -> _ResumePoint | None:
-    if resume_from and checkpoint.is_complete(Path(resume_from)):  # one tag folder named: that one or none
-        candidates, notes = [Path(resume_from)], []
-    else:
-        candidates, notes = checkpoint.resume_candidates(resume_from or config.checkpoint.dir)
-        if resume_from and not candidates and not notes:
-            raise checkpoint.CheckpointError(f"--resume-from {resume_from}: neither a complete checkpoint (no "
-                                             f"{checkpoint.JOB_FILE}) nor a folder with {checkpoint.LATEST}", agreed=True)
-    tag_dir = checkpoint.first_sound(candidates, notes)  # verified by every rank; a damaged one falls back, warned
-    if tag_dir is None:
-        return None
-    job = checkpoint.read_job(tag_dir)
-    changes = checkpoint.check_compatible(job["config"], config)
-    saved = (job["world_size"], job["config"]["parallel"]["tp"], job["config"]["train"]["zero_stage"])
-    relayout = saved != (dist.get_world_size(), config.parallel.tp, config.train.zero_stage)
-    if relayout and config.train.zero_stage == 3:
-        raise checkpoint.CheckpointError(
-            f"{tag_dir} was written by {saved[0]} ranks, tp={saved[1]}, ZeRO-{saved[2]}; loading it at another layout "
-            "goes through DeepSpeed's universal checkpoint, which this DeepSpeed cannot load into ZeRO-3: resume "
-            "with train.zero_stage 1 or 2"
-        )
-    return _ResumePoint(tag_dir, job, changes, relayout, {"path": config.data.path, "seq_len": config.data.seq_len},
-                        reset_data)
-
-
-def _universal_checkpoint(tag_dir: Path) -> Path:
-    """DeepSpeed's universal form of a checkpoint (made once by rank 0 with ds_to_universal, then reused):
-    parameters and optimizer states merged over TP and ZeRO shards, loadable at any layout."""
-    out = tag_dir.parent / "universal" / tag_dir.name
-    if dist.get_rank() == 0 and not (out / checkpoint.JOB_FILE).is_file():
-        from argparse import Namespace
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        shutil.rmtree(out, ignore_errors=True)
-        workers = max(1, min(8, (os.cpu_count() or 1) // 2))
-        with checkpoint.weights_only_loads():
-            ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=workers,
-                                      num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=False))
-        shutil.copy(tag_dir / checkpoint.JOB_FILE, out / checkpoint.JOB_FILE)  # marks the conversion complete
-    dist.barrier()
-    return out
-
-
-def _train(config: JobConfig, dims, batches: BatchSource | None, deepspeed, resume_from: str | None,
+def _train(config: JobConfig, dims: ParallelDims, batches: BatchSource | None, resume_from: str | None,
            reset_data_position: bool = False) -> TrainResult:
-    is_main = dist.get_rank() == 0
-    resume = _resume_point(config, resume_from, reset_data_position)
+    """Build, resume, then the loop: a step, its log line, the divergence check, evaluation and checkpoint when
+    due, preemption."""
+    resume = resume_point(config, resume_from, reset_data_position)
     model = TitansLM(config.model)
     register_sequence_parallel_grad_hooks(model)
-    optimizer, scheduler = build_optimizer(model, config)
-    recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    ds_config = deepspeed_config(config)
-    if resume is not None and resume.relayout:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=dims.mpu
-    )
-    if config.train.zero_stage == 3:
-        _register_mixer_parameters(engine.module, deepspeed)
-    loader = val_root = None
-    eval_tasks = {}
-    if batches is None:
-        loader, val_root = _build_loader(config, dims)
-        eval_tasks = fixed_task_batches(config.train.eval_tasks, val_root, config.model.vocab_size, config.train.seed,
-                                        config.train.micro_batch_size)
-    first_step = 0
-    if resume is not None:
-        first_step = _load(engine, resume, loader, scheduler, recipe_groups)
-        if is_main:
-            how = " (re-laid out through a universal checkpoint)" if resume.relayout else ""
-            changed = f"; changed: {', '.join(resume.changes)}" if resume.changes else ""
-            print(f"resumed from {resume.tag_dir} at step {first_step}{how}{changed}", flush=True)
-    if loader is not None:
-        batches = _loader_batches(loader)
-
-    train_cfg = config.train
-    tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum * dims.dp_size * config.data.seq_len
-    counts = parameter_counts(engine.module, dims.tp_size)
-    step_flops = tokens_per_step * flops_per_token(config.model, counts.dense, config.data.seq_len)
-    peak = device_peak_flops(train_cfg.precision, config.logging.peak_tflops)
-    log = Monitor(config, is_main, first_step)
-    if is_main:
-        log.start(startup_lines(config, dims, counts, tokens_per_step, dataset_line(val_root, tokens_per_step, train_cfg.steps),
-                                f"{dist.get_backend()} on {engine.device}"))
+    built = build_engine(config, model, load_universal=resume is not None and resume.relayout)
+    engine, scheduler = built.engine, built.scheduler
+    data = _Data.build(config, dims) if batches is None else _Data(batches)
+    first_step = 0 if resume is None else _resume(built, resume, data.loader)
+    batches = data.batches or loader_batches(data.loader)
+    throughput = _Throughput.of(config, dims, engine.module)
+    log = _start_monitor(config, dims, engine, first_step, throughput, data.root)
     result = TrainResult(first_step=first_step)
-    version = checkpoint.code_version() if is_main else "unknown"
-    universal_info = {"universal_checkpoint_info": universal_checkpoint_info(engine.module)}
-    stop = PreemptionFlag()
+    saver = _Checkpointer(config, engine, data.loader, throughput.tokens_per_step)
+    guard, nan_step, stop = DivergenceGuard(config), injected_nan_step(), PreemptionFlag()
     start_time = time.perf_counter()
-    guard, nan_step = _DivergenceGuard(config), _injected_nan_step()
-    for step in range(first_step, train_cfg.steps):
+    for step in range(first_step, config.train.steps):
         step_start = time.perf_counter()
-        loss_sum, dropped = torch.zeros((), device=engine.device), False
-        for micro in range(train_cfg.grad_accum):
-            tokens = batches(step, micro).to(engine.device)
-            loss = engine(tokens[:, :-1], tokens[:, 1:])
-            if micro == train_cfg.grad_accum - 1 and step + 1 == nan_step:
-                loss = loss * float("nan")  # fault injection (TITANS_INJECT_NAN_AT_STEP), a testing aid
-            engine.backward(loss)
-            if micro == train_cfg.grad_accum - 1:
-                grad_norm = _global_grad_norm(engine)
-                dropped = grad_norm is not None and not isfinite(grad_norm)  # ZeRO-0 fp32 (agreed: a global norm)
-            with _without_update(engine, dropped):
-                engine.step()
-            loss_sum += loss.detach().float()
-        dist.all_reduce(loss_sum, group=dims.dp_group)
-        step_loss = loss_sum.item() / (train_cfg.grad_accum * dims.dp_size)
-        grad_norm = float(engine.get_global_grad_norm() if grad_norm is None else grad_norm)
+        step_loss, grad_norm, dropped = _train_step(engine, batches, step, config, dims, nan_step)
         result.losses.append(step_loss)
         result.grad_norms.append(grad_norm)
         seconds = time.perf_counter() - step_start
-        log.step(step, step_loss, scheduler.get_last_lr()[0], grad_norm, tokens_per_step / seconds,
-                 step_flops / seconds / (peak * dist.get_world_size()) if peak else None)
+        log.step(step, step_loss, scheduler.get_last_lr()[0], grad_norm, throughput.tokens_per_step / seconds,
+                 throughput.mfu(seconds))
         done = step + 1
         if guard.check(done, step_loss, grad_norm, engine, scheduler, dropped):  # DivergenceError: stop
             result.skipped_steps.append(done)
             log.message(f"step {done}: non-finite loss or gradient norm, update skipped ({len(result.skipped_steps)} "
-                        f"of train.max_skipped_steps={train_cfg.max_skipped_steps})")
-        if val_root is not None and train_cfg.eval_every and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
-            result.val_losses[done] = _evaluate(engine, config, dims, val_root)
-            result.task_accuracies[done] = _evaluate_tasks(engine, eval_tasks)
+                        f"of train.max_skipped_steps={config.train.max_skipped_steps})")
+        if data.root is not None and _evaluation_due(config, done):
+            result.val_losses[done] = validation_loss(engine, config, dims, data.root)
+            result.task_accuracies[done] = task_accuracies(engine, data.eval_tasks)
             log.validation(done, result.val_losses[done], result.task_accuracies[done])
         preempted = stop.agreed(engine.device)
-        if preempted or config.checkpoint.every and done % config.checkpoint.every == 0 or done == train_cfg.steps:
-            rank_state = {"data": loader.state_dict() if loader is not None else None}
+        if preempted or _checkpoint_due(config, done):
             save_start = time.perf_counter()
-            tag_dir = _save(engine, config, done, tokens_per_step * done, rank_state, universal_info, version, step_loss)
-            log.checkpoint(tag_dir, time.perf_counter() - save_start)
+            log.checkpoint(saver.save(done, step_loss), time.perf_counter() - save_start)
         if preempted:
             result.preempted = True
             log.message(f"preempted: checkpoint written at step {done}, exiting")
             break
     stop.restore()
-    result.tokens_per_second = tokens_per_step * len(result.losses) / (time.perf_counter() - start_time)
+    result.tokens_per_second = throughput.tokens_per_step * len(result.losses) / (time.perf_counter() - start_time)
     log.close(result)
     return result
 
 
-def _register_mixer_parameters(model: TitansLM, deepspeed) -> None:
-    """ZeRO-3 gathers a module's parameters when that module's forward runs. Mixers also use their submodules'
-    parameters directly (MAC's retrieval reads the memory's projections, persistent tokens and attention prefixes
-    are multiplied by hand), so every mixer's parameters are registered as its own: gathered for its whole forward
-    and backward."""
-    for block in model.layers:
-        for param in block.mixer.parameters():
-            deepspeed.zero.register_external_parameter(block.mixer, param)
+@dataclass
+class _Data:
+    """The run's batches: the streaming loader over `root` (its position is checkpointed) with the fixed
+    `train.eval_tasks` rows, or the batches a test feeds (`batches`: no loader, no evaluation)."""
+
+    batches: BatchSource | None = None
+    loader: TokenLoader | None = None
+    root: Path | None = None
+    eval_tasks: dict[str, list[TaskBatch]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: JobConfig, dims: ParallelDims) -> _Data:
+        root = dataset_root(config)
+        tasks = fixed_task_batches(config.train.eval_tasks, root, config.model.vocab_size, config.train.seed,
+                                   config.train.micro_batch_size)
+        return cls(loader=build_job_loader(config, dims, root), root=root, eval_tasks=tasks)
 
 
-def _load(engine, resume: _ResumePoint, loader, scheduler, recipe_groups: list[dict]) -> int:
-    """Load model, optimizer and scheduler states (weights-only reads), the RNG and the data position; returns the
-    step to continue from. With the same layout every rank gets exactly its own state back; after a change of
-    layout ranks that did not exist take rank 0's RNG state, and the data position is re-split by epoch fraction.
-    This recipe's optimizer hyperparameters and schedule then replace the restored ones (`_apply_recipe`)."""
-    tag_dir = resume.tag_dir
-    source = _universal_checkpoint(tag_dir) if resume.relayout else tag_dir
-    with checkpoint.deepspeed_loads(engine):
-        load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
-    if load_path is None:
-        raise checkpoint.CheckpointError(f"DeepSpeed could not load {source}")
-    _apply_recipe(scheduler, recipe_groups)
-    saved_world = resume.job["world_size"]
-    rank_state = checkpoint.load_rank_state(tag_dir, dist.get_rank() if dist.get_rank() < saved_world else 0, saved_world)
-    if loader is not None:
-        _restore_data_position(loader, resume, rank_state)
-    checkpoint.set_rng_state(rank_state["rng"])
-    return resume.job["step"]
+def _resume(built: Engine, resume: ResumePoint, loader: TokenLoader | None) -> int:
+    """Load the checkpoint into the engine (and the loader's position); says so on rank 0; the step reached."""
+    first_step = restore(built.engine, resume, loader, built.scheduler, built.recipe_groups)
+    if dist.get_rank() == 0:
+        how = " (re-laid out through a universal checkpoint)" if resume.relayout else ""
+        changed = f"; changed: {', '.join(resume.changes)}" if resume.changes else ""
+        print(f"resumed from {resume.tag_dir} at step {first_step}{how}{changed}", flush=True)
+    return first_step
 
 
-def _apply_recipe(scheduler, recipe_groups: list[dict]) -> None:
-    """Put this recipe's optimizer hyperparameters (lr, betas, eps, weight decay) and schedule back after a load:
-    DeepSpeed restores the saved param_groups and the scheduler's base lrs, which would keep the checkpoint's
-    values although the change is logged. The schedule's position (last_epoch) stays the checkpoint's; its shape
-    (warmup, decay, train.steps) is this recipe's lr_lambda already."""
-    groups = scheduler.optimizer.param_groups
-    if len(groups) != len(recipe_groups):
-        raise checkpoint.CheckpointError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this recipe "
-                                         f"{len(recipe_groups)}")
-    for group, recipe in zip(groups, recipe_groups):
-        group.update({k: v for k, v in recipe.items() if k != "lr"})
-    scheduler.base_lrs = [g["initial_lr"] for g in recipe_groups]
-    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in groups]
+@dataclass
+class _Throughput:
+    """Tokens and model FLOPs per optimizer step (all ranks), and the peak the MFU is measured against."""
+
+    tokens_per_step: int
+    step_flops: float
+    peak: float | None  # per device, FLOP/s; None: MFU not reported
+    counts: ParameterCounts
+
+    @classmethod
+    def of(cls, config: JobConfig, dims: ParallelDims, model: nn.Module) -> _Throughput:
+        train_cfg = config.train
+        tokens = train_cfg.micro_batch_size * train_cfg.grad_accum * dims.dp_size * config.data.seq_len
+        counts = parameter_counts(model, dims.tp_size)
+        flops = tokens * flops_per_token(config.model, counts.dense, config.data.seq_len)
+        return cls(tokens, flops, device_peak_flops(train_cfg.precision, config.logging.peak_tflops), counts)
+
+    def mfu(self, seconds: float) -> float | None:
+        return self.step_flops / seconds / (self.peak * dist.get_world_size()) if self.peak else None
 
 
-def _restore_data_position(loader, resume: _ResumePoint, rank_state: dict) -> None:
-    """The saved data position, unless the data changed (refused, said in words) or --reset-data-position."""
-    state = checkpoint.load_rank_state(resume.tag_dir, 0)["data"] if resume.relayout else rank_state["data"]
-    change = checkpoint.describe_data_change(resume.job["config"]["data"], resume.data,
-                                             state["order"] if state else None, loader.dataset.identity)
-    if resume.reset_data:
-        if dist.get_rank() == 0:
-            print(f"data position reset (--reset-data-position): reading {resume.data['path'] or 'the embedded default'}"
-                  f" dataset at seq_len {resume.data['seq_len']} from its beginning" + (f"; {change}" if change else ""),
-                  flush=True)
-        return
-    if change or state is None:
-        why = f"was reading other data: {change}" if change else "holds no data position (written without a loader)"
-        raise checkpoint.CheckpointError(
-            f"{resume.tag_dir} {why}. Pass --reset-data-position to read this run's data from its beginning (the "
-            f"model, optimizer and schedule continue from step {resume.job['step']})", agreed=True)
-    loader.load_state_dict(state, allow_resplit=resume.relayout)
+def _start_monitor(config: JobConfig, dims: ParallelDims, engine, first_step: int, throughput: _Throughput,
+                   root: Path | None) -> Monitor:
+    """The run's monitor (rank 0 writes; the others keep quiet) after rank 0's start-up lines."""
+    is_main = dist.get_rank() == 0
+    log = Monitor(config, is_main, first_step)
+    if is_main:
+        tokens = throughput.tokens_per_step
+        log.start(startup_lines(config, dims, throughput.counts, tokens,
+                                dataset_line(root, tokens, config.train.steps),
+                                f"{dist.get_backend()} on {engine.device}"))
+    return log
 
 
-def _global_grad_norm(engine) -> float | None:
-    """The pre-clipping global gradient norm when the engine will not record it (ZeRO-0 in fp32 clips without
-    keeping the norm); DeepSpeed's own rule, so TP-sharded parameters count once per shard. None otherwise."""
-    if engine.zero_optimization_stage() or engine.bfloat16_enabled():
-        return None
-    from deepspeed.runtime.utils import clip_grad_norm_
+def _train_step(engine, batches: BatchSource, step: int, config: JobConfig, dims: ParallelDims,
+                nan_step: int | None) -> tuple[float, float, bool]:
+    """One optimizer step over train.grad_accum micro-batches: (loss averaged over micro-batches and DP ranks,
+    global gradient norm, whether the update was dropped for a non-finite norm, ZeRO-0 fp32 only)."""
+    accum = config.train.grad_accum
+    loss_sum, dropped, grad_norm = torch.zeros((), device=engine.device), False, None
+    for micro in range(accum):
+        tokens = batches(step, micro).to(engine.device)
+        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        if micro == accum - 1 and step + 1 == nan_step:
+            loss = loss * float("nan")  # fault injection (TITANS_INJECT_NAN_AT_STEP), a testing aid
+        engine.backward(loss)
+        if micro == accum - 1:
+            grad_norm = global_grad_norm(engine)
+            dropped = grad_norm is not None and not isfinite(grad_norm)  # ZeRO-0 fp32 (agreed: a global norm)
+        with without_update(engine, dropped):
+            engine.step()
+        loss_sum += loss.detach().float()
+    dist.all_reduce(loss_sum, group=dims.dp_group)
+    step_loss = loss_sum.item() / (accum * dims.dp_size)
+    return step_loss, float(engine.get_global_grad_norm() if grad_norm is None else grad_norm), dropped
 
-    return float(clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu))
+
+def _evaluation_due(config: JobConfig, done: int) -> bool:
+    every = config.train.eval_every
+    return bool(every) and (done % every == 0 or done == config.train.steps)
 
 
-class DivergenceError(RuntimeError):
-    """A non-finite loss, gradient norm or weights stopped the job; every rank raises it in the same step."""
+def _checkpoint_due(config: JobConfig, done: int) -> bool:
+    """Every checkpoint.every steps and at the end (and on preemption, decided by the loop)."""
+    every = config.checkpoint.every
+    return bool(every) and done % every == 0 or done == config.train.steps
 
-    agreed = True
 
+class _Checkpointer:
+    """Writes this run's checkpoints: the engine's states, this rank's data position, the universal-checkpoint
+    info and the code version; never non-finite weights."""
 
-class _DivergenceGuard:
-    """A non-finite loss or gradient norm on any rank, agreed by every rank in the same step (one small all-reduce).
-    train.on_nonfinite=stop raises DivergenceError; =skip lets the step pass without its update (DeepSpeed's ZeRO 1-3
-    and bf16 optimizers skip a step whose gradient norm is not finite, ZeRO-0 fp32 drops its gradients) while the
-    schedule moves on, up to train.max_skipped_steps times; a bad step whose update was applied always stops."""
+    def __init__(self, config: JobConfig, engine, loader: TokenLoader | None, tokens_per_step: int):
+        self.config, self.engine, self.loader, self.tokens_per_step = config, engine, loader, tokens_per_step
+        self.version = checkpoint.code_version() if dist.get_rank() == 0 else "unknown"
+        self.extra = {"universal_checkpoint_info": universal_checkpoint_info(engine.module)}
 
-    def __init__(self, config: JobConfig):
-        self.policy, self.limit = config.train.on_nonfinite, config.train.max_skipped_steps
-        self.latest = Path(config.checkpoint.dir) / checkpoint.LATEST
-        self.skipped = 0
-
-    def check(self, step: int, loss: float, grad_norm: float, engine, scheduler, dropped: bool) -> bool:
-        """True when step's update was skipped; DivergenceError when the job stops."""
-        bad = torch.tensor(float(not (isfinite(loss) and isfinite(grad_norm))), device=engine.device)
+    def save(self, step: int, loss: float) -> Path:
+        """checkpoint.save of `step`, after every rank checked its own weights are finite (one all-reduce)."""
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]  # ZeRO-3: this rank's part
+        bad = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bad.item():
-            return False
-        applied = engine.was_step_applied() and not dropped
-        if self.policy == "skip" and not applied and self.skipped < self.limit:
-            self.skipped += 1
-            if not engine.was_step_applied():  # DeepSpeed held the scheduler back with the update
-                scheduler.step()
-            return True
-        why = ("train.on_nonfinite=stop" if self.policy == "stop" else "its update was applied" if applied
-               else f"{self.skipped} updates skipped already, train.max_skipped_steps={self.limit}")
-        newest = self.latest.read_text().strip() if self.latest.is_file() else "none"
-        raise DivergenceError(
-            f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}); stopping ({why}). No "
-            f"checkpoint of it was written; the newest is {newest} in {self.latest.parent}: resume from it with a "
-            "lower optimizer.lr, or set train.on_nonfinite=skip")
-
-
-def _injected_nan_step() -> int | None:
-    """TITANS_INJECT_NAN_AT_STEP=K[:RANK] (a testing aid): the step (1-based) at which this rank's loss becomes NaN,
-    on rank RANK (default: the last); None elsewhere or when unset."""
-    value = os.environ.get("TITANS_INJECT_NAN_AT_STEP")
-    if not value:
-        return None
-    step, _, rank = value.partition(":")
-    return int(step) if int(rank or dist.get_world_size() - 1) == dist.get_rank() else None
-
-
-@contextmanager
-def _without_update(engine, skip: bool) -> Iterator[None]:
-    """ZeRO-0 in fp32 has no overflow check of its own (ZeRO 1-3 and bf16 skip a step whose gradient norm is not
-    finite): when `skip`, engine.step runs (gradients cleared, schedule stepped) without the optimizer's step, so
-    every parameter and its moments stay as they were."""
-    if skip:
-        engine.optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        if skip:
-            del engine.optimizer.step
-
-
-def _save(engine, config: JobConfig, step: int, tokens_seen: int, rank_state: dict, extra: dict, version: str,
-          loss: float) -> Path:
-    """checkpoint.save, never of non-finite weights (every rank checks its own, one all-reduce)."""
-    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's partition
-    bad = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
-        raise DivergenceError(f"step {step}: the weights are not finite; no checkpoint of them was written")
-    return checkpoint.save(engine, config, step, tokens_seen, rank_state, extra, version,
-                           loss=loss if isfinite(loss) else None)  # a skipped step's NaN loss: weights unchanged
-
-
-def _build_loader(config: JobConfig, dims):
-    from pretrain.data import build_loader, prepare_default_dataset
-    from pretrain.data.default import default_dataset_dir
-
-    root = config.data.path
-    if root is None:  # rank 0 builds (or reuses) the embedded dataset; the loader's manifest check guards the rest
-        if dist.get_rank() == 0:
-            prepare_default_dataset(vocab_size=config.model.vocab_size, seq_len=config.data.seq_len,
-                                    progress=sys.stderr.isatty())
-        dist.barrier()
-        root = default_dataset_dir(config.model.vocab_size, config.data.seq_len)
-    loader = build_loader(
-        root, batch_size=config.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
-        num_workers=config.data.num_workers, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size,
-        seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer, on_corrupt=config.data.on_corrupt,
-        verify_sha256=config.data.verify_sha256,
-    )
-    return loader, root
-
-
-def _loader_batches(loader) -> BatchSource:
-    stream: Iterator[torch.Tensor] = iter(loader)
-    return lambda step, micro: next(stream)
-
-
-@torch.no_grad()
-def _evaluate(engine, config: JobConfig, dims, root) -> float:
-    """Mean validation loss over `train.eval_batches` fixed batches (every DP rank its own share)."""
-    from pretrain.data import build_loader
-
-    val = build_loader(
-        root, batch_size=config.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp_size, split="val",
-        seq_len=config.data.seq_len, vocab_size=config.model.vocab_size, shuffle=False, epochs=1,
-    )
-    total, count = torch.zeros((), device=engine.device), torch.zeros((), device=engine.device)
-    engine.eval()
-    for _, tokens in zip(range(config.train.eval_batches), val):
-        tokens = tokens.to(engine.device)
-        total += engine(tokens[:, :-1], tokens[:, 1:]).float() * tokens.shape[0]
-        count += tokens.shape[0]
-    engine.train()
-    dist.all_reduce(total, group=dims.dp_group)
-    dist.all_reduce(count, group=dims.dp_group)
-    return (total / count.clamp_min(1)).item()
-
-
-@torch.no_grad()
-def _evaluate_tasks(engine, tasks: dict[str, list[TaskBatch]]) -> dict[str, float]:
-    """Exact accuracy of each `train.eval_tasks` entry on its fixed rows. Every rank runs the same rows through
-    the engine (one-shot forward: TP gathers the logits, ZeRO-3 its parameters, in the same order everywhere), so
-    every rank gets the same figures without a further collective."""
-    engine.eval()
-    accuracies = {}
-    for name, batches in tasks.items():
-        exact = [score(engine(b.inputs.to(engine.device)), b.targets.to(engine.device), b.mask.to(engine.device)).exact
-                 for b in batches]
-        accuracies[name] = torch.cat(exact).float().mean().item()
-    engine.train()
-    return accuracies
+        if bad.item():
+            raise DivergenceError(f"step {step}: the weights are not finite; no checkpoint of them was written")
+        rank_state = {"data": self.loader.state_dict() if self.loader is not None else None}
+        return checkpoint.save(self.engine, self.config, step, self.tokens_per_step * step, rank_state, self.extra,
+                               self.version, loss=loss if isfinite(loss) else None)  # skipped step: weights unchanged
 
 
 if __name__ == "__main__":

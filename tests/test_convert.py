@@ -30,7 +30,8 @@ from pretrain.checkpoint_io import (
 from pretrain.convert import convert, load_model, main
 from test_train import TINY_MODEL, _global_batch, _run_job, job
 from titans_parallel import ModelConfig, TitansLM
-from titans_parallel.parallel.metadata import tensor_parallel_layout, tied_parameters, universal_checkpoint_info
+from pretrain.universal import universal_checkpoint_info
+from titans_parallel.parallel.metadata import tensor_parallel_layout, tied_parameters
 from titans_parallel.typed_config import from_mapping
 
 IDS = torch.randint(0, TINY_MODEL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(7))
@@ -348,6 +349,7 @@ def _resume_from_universal(rank: int, world_size: int, sections: dict, universal
     import torch.distributed as dist
 
     from pretrain.config import deepspeed_config
+    from pretrain.engine import DeepSpeedMPU
     from pretrain.optim import build_optimizer
     from titans_parallel.parallel import destroy_parallel, init_parallel, register_sequence_parallel_grad_hooks
 
@@ -359,7 +361,7 @@ def _resume_from_universal(rank: int, world_size: int, sections: dict, universal
         register_sequence_parallel_grad_hooks(model)
         optimizer, scheduler = build_optimizer(model, config)
         ds_config = {**deepspeed_config(config), "checkpoint": {"load_universal": True}}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=dims.mpu,
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=DeepSpeedMPU(),
                                                config=ds_config)
         engine.load_checkpoint(universal, tag=tag)
         losses, mb = [], config.train.micro_batch_size

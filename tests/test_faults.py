@@ -99,16 +99,16 @@ class _FakeScheduler:
 
 @pytest.mark.usefixtures("one_rank")
 def test_divergence_guard_policies(tmp_path):
-    from pretrain.train import DivergenceError, _DivergenceGuard
+    from pretrain.divergence import DivergenceError, DivergenceGuard
     from test_train import job
 
     (tmp_path / "latest").write_text("step00000004")
-    stop = _DivergenceGuard(job(checkpoint={"dir": str(tmp_path)}))
+    stop = DivergenceGuard(job(checkpoint={"dir": str(tmp_path)}))
     assert not stop.check(5, 2.0, 1.0, _FakeEngine(True), _FakeScheduler(), False)
     with pytest.raises(DivergenceError, match=r"step 5: non-finite loss \(nan\).*on_nonfinite=stop.*newest is step00000004"):
         stop.check(5, float("nan"), 1.0, _FakeEngine(False), _FakeScheduler(), False)
 
-    skip = _DivergenceGuard(job(train={"on_nonfinite": "skip", "max_skipped_steps": 2}, checkpoint={"dir": str(tmp_path)}))
+    skip = DivergenceGuard(job(train={"on_nonfinite": "skip", "max_skipped_steps": 2}, checkpoint={"dir": str(tmp_path)}))
     scheduler = _FakeScheduler()
     assert skip.check(5, float("nan"), float("inf"), _FakeEngine(False), scheduler, False)  # DeepSpeed skipped it
     assert scheduler.steps == 1  # ... and held the schedule back: it moves on with the step
@@ -117,7 +117,7 @@ def test_divergence_guard_policies(tmp_path):
     with pytest.raises(DivergenceError, match="2 updates skipped already, train.max_skipped_steps=2"):
         skip.check(7, float("nan"), 1.0, _FakeEngine(False), scheduler, False)
     with pytest.raises(DivergenceError, match="its update was applied"):
-        _DivergenceGuard(job(train={"on_nonfinite": "skip"}, checkpoint={"dir": str(tmp_path)})).check(
+        DivergenceGuard(job(train={"on_nonfinite": "skip"}, checkpoint={"dir": str(tmp_path)})).check(
             7, float("nan"), 1.0, _FakeEngine(True), scheduler, False)
 
 

@@ -100,3 +100,32 @@ def test_beam_search_equals_beam_search_without_a_cache(hf):
     for row, prompt in enumerate(PROMPTS[:3]):
         alone = hf.generate(torch.tensor([prompt]), use_cache=False, **kwargs)
         assert torch.equal(out[row, ids.shape[1]:], alone[0, len(prompt):])
+
+
+BLOCKED = """
+import json, sys
+for name in ("deepspeed", "megatron", "titans_parallel", "pretrain"):
+    sys.modules[name] = None  # `import name[.sub]` raises ImportError; find_spec (library probes) says absent
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    print(json.dumps(model(torch.tensor([[5, 9, 17, 40]])).logits[0, -1].tolist()))
+"""
+
+
+def test_export_loads_without_deepspeed_or_megatron(export, tmp_path):
+    """The export's remote code runs with deepspeed, megatron (and this repository) import-blocked: single-rank
+    inference needs neither, whatever the training job used."""
+    import os
+    import subprocess
+    import sys
+
+    path, model = export
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", BLOCKED, str(path)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 9, 17, 40]]))[0, -1]
+    assert torch.allclose(torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])), expected, atol=1e-5)

@@ -128,7 +128,9 @@ def _deepspeed_rule_grad_norm(model: nn.Module) -> float:
     get_grad_norm_direct): a squared gradient norm counts on every TP rank if the parameter is marked
     tensor_model_parallel, else on model-parallel rank 0 only; the sum is all-reduced over the model-parallel group.
     (Importing deepspeed would JIT-build its CPU comm op; the slow test checks the real engine.)"""
-    mpu = parallel_dims().mpu
+    from pretrain.engine import DeepSpeedMPU
+
+    mpu = DeepSpeedMPU()
     counted = [
         p.grad
         for p in model.parameters()
@@ -309,6 +311,8 @@ def _deepspeed_suite(rank: int, world_size: int, hooks: bool) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from pretrain.engine import DeepSpeedMPU
+
     deepspeed.init_distributed(dist_backend="gloo")
     x, w, _, _ = _data()
     dp_size, lr, accumulation = world_size // TP, 0.1, 2
@@ -330,7 +334,7 @@ def _deepspeed_suite(rank: int, world_size: int, hooks: bool) -> dict:
         engine, *_ = deepspeed.initialize(
             model=block,
             optimizer=torch.optim.SGD(block.parameters(), lr=lr),
-            mpu=dims.mpu,
+            mpu=DeepSpeedMPU(),
             config={
                 "train_micro_batch_size_per_gpu": B,
                 "gradient_accumulation_steps": accumulation,

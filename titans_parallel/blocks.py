@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, KVCache
-from .config import ModelConfig
+from .config import LAYER_KINDS, ModelConfig
 from .memory import NeuralMemory, NeuralMemoryCache
 from .parallel import (
     column_parallel_linear,
@@ -131,6 +132,24 @@ class MemoryMixer(nn.Module):
         return out, cache
 
 
+@dataclass
+class MAGCache:
+    """Streaming state of a MAG layer: its memory and its attention window."""
+
+    memory: NeuralMemoryCache
+    attn: KVCache
+
+
+@dataclass
+class MALCache:
+    """Streaming state of a MAL layer: its memory, its attention window, and the attention prefix [B, Np, dim]
+    (the memory's outputs at the persistent tokens, computed by the first call)."""
+
+    memory: NeuralMemoryCache
+    attn: KVCache
+    prefix: torch.Tensor
+
+
 class MAGMixer(nn.Module):
     """Memory as a gate: o = RMSNorm(SWA(P || x)) * sigmoid(RMSNorm(LMM(P || x)))."""
 
@@ -142,11 +161,11 @@ class MAGMixer(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.memory_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None):
-        attn_cache, memory_cache = cache if cache is not None else (None, None)
+    def forward(self, x: torch.Tensor, cache: MAGCache | None):
+        memory_cache, attn_cache = (cache.memory, cache.attn) if cache is not None else (None, None)
         y, attn_cache = self.attn(x, prefix=self.persistent.prefix(), cache=attn_cache)
         _, m, memory_cache = self.memory.forward_prefixed(self.persistent.memory_prefix(memory_cache), x, memory_cache)
-        return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), (attn_cache, memory_cache)
+        return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), MAGCache(memory_cache, attn_cache)
 
 
 class MALMixer(nn.Module):
@@ -158,14 +177,15 @@ class MALMixer(nn.Module):
         self.memory = _memory(config)
         self.attn = _attention(config, config.window)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None):
-        memory_cache, attn_cache, prefix = cache if cache is not None else (None, None, None)
+    def forward(self, x: torch.Tensor, cache: MALCache | None):
+        memory_cache, attn_cache, prefix = (None, None, None) if cache is None else (cache.memory, cache.attn,
+                                                                                      cache.prefix)
         persistent_out, y, memory_cache = self.memory.forward_prefixed(
             self.persistent.memory_prefix(memory_cache), x, memory_cache
         )
         prefix = prefix if persistent_out is None else persistent_out
         out, attn_cache = self.attn(y, prefix=prefix, cache=attn_cache)
-        return out, (memory_cache, attn_cache, prefix)
+        return out, MALCache(memory_cache, attn_cache, prefix)
 
 
 @dataclass
@@ -229,7 +249,9 @@ class MACMixer(nn.Module):
         return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
 
 
-MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": MemoryMixer}
+MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": MemoryMixer,
+          "attn": partial(AttentionMixer, kind="attn"), "swa": partial(AttentionMixer, kind="swa")}
+assert MIXERS.keys() == set(LAYER_KINDS), "config.LAYER_KINDS and the mixers disagree"
 
 
 class Block(nn.Module):
@@ -237,9 +259,8 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, kind: str):
         super().__init__()
-        self.kind = kind
         self.mixer_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mixer = MIXERS[kind](config) if kind in MIXERS else AttentionMixer(config, kind)
+        self.mixer = MIXERS[kind](config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = SwiGLU(config.dim, config.ffn_hidden, config.init_std, residual_std(config))
 

@@ -8,14 +8,14 @@ from typing import Literal
 
 from .typed_config import check, load_config, to_mapping
 
-VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 LAYER_KINDS = ("mac", "mag", "mal", "lmm", "attn", "swa")
+MEMORY_KINDS = ("mac", "mag", "mal", "lmm")  # the layer kinds with a neural memory
 _VARIANT_LAYER = {"transformer": "attn"}  # every other variant names its own layer kind
 
 
 @dataclass
 class MemoryConfig:
-    """Neural long-term memory (DESIGN.md section 2)."""
+    """Neural long-term memory (docs/memory.md)."""
 
     depth: int = 2  # layers of the memory MLP
     expansion: int = 4  # hidden width = expansion * head_dim

@@ -1,4 +1,4 @@
-"""The chunked dual form of the memory scan (DESIGN.md section 2): all tokens of a chunk at once, with matmuls.
+"""The chunked dual form of the memory scan (docs/memory.md): all tokens of a chunk at once, with matmuls.
 
 Per chunk (length C, start state W, S) and per layer l, with X the queries' activations entering layer l:
     Zq_l = (b*X) W_l + (f*X) S_l - (G o (X A_{l-1}^T)) Delta_l

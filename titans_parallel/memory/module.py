@@ -27,8 +27,7 @@ from ..parallel import (
     tensor_parallel_share,
 )
 from .chunked import memory_scan
-from .reference import memory_mlp
-from .state import MemoryState
+from .state import MemoryState, memory_mlp
 
 # Gate bias initialisation (the paper gives none): theta starts at theta_max / 2, eta (momentum decay) at 0.9,
 # alpha (forgetting) at 0.01.

@@ -5,25 +5,15 @@ from __future__ import annotations
 import torch
 
 from .state import (
-    ACTIVATIONS,
     GATE_EPS,
     MemoryState,
     check_scan_args,
+    memory_mlp,
     column_norms,
     effective_theta,
     polyak_scale,
     renormalized,
 )
-
-
-def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
-    """f(x; W) = sigma(...sigma(x W_1) W_2 ...) W_L on row vectors. x: [B, H, T, d_in], W_l: [B, H, in_l, out_l]."""
-    sigma = ACTIVATIONS[activation].fn
-    for layer, w in enumerate(weights):
-        x = x @ w
-        if layer < len(weights) - 1:
-            x = sigma(x)
-    return x
 
 
 def memory_scan_reference(

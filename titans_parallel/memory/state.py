@@ -1,4 +1,5 @@
-"""Memory state, activations and the gate clamp shared by every form of the memory scan."""
+"""Memory state, activations, the memory function f(x; W) and the gate clamp shared by every form of the memory
+scan and by the module's reads."""
 
 from __future__ import annotations
 
@@ -111,6 +112,16 @@ ACTIVATIONS: dict[str, Activation] = {
     "silu": Activation(F.silu, _silu_grad, _silu_grad2),
     "gelu": Activation(lambda z: F.gelu(z, approximate="tanh"), _gelu_grad, _gelu_grad2),
 }
+
+
+def memory_mlp(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "silu") -> torch.Tensor:
+    """f(x; W) = sigma(...sigma(x W_1) W_2 ...) W_L on row vectors. x: [B, H, T, d_in], W_l: [B, H, in_l, out_l]."""
+    sigma = ACTIVATIONS[activation].fn
+    for layer, w in enumerate(weights):
+        x = x @ w
+        if layer < len(weights) - 1:
+            x = sigma(x)
+    return x
 
 
 def check_scan_args(q, k, v, theta, eta, alpha, state: MemoryState, chunk_size: int, retrieve: str, activation: str):

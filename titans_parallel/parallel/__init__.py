@@ -1,18 +1,19 @@
-"""Tensor and sequence parallelism: process groups (megatron-core `parallel_state`), TP/SP layer factories,
-gradient fix-ups for DeepSpeed. Importing this package does not import megatron-core; `init_parallel` does.
+"""Tensor and sequence parallelism: process groups (megatron-core `parallel_state`), TP/SP layer factories and
+their initialisers, gradient fix-ups for a data-parallel engine. Importing this package does not import
+megatron-core; `init_parallel` does.
 
 `cpu_megatron.enable_cpu_megatron` (called by `init_parallel`) is the one place that makes megatron-core run on a
 host without CUDA.
 """
 
 from .grads import mark_sequence_parallel, mark_tensor_parallel, register_sequence_parallel_grad_hooks
-from .groups import DeepSpeedMPU, ParallelDims, destroy_parallel, init_parallel, parallel_dims
+from .groups import ParallelDims, destroy_parallel, init_parallel, parallel_dims
+from .init_methods import normal_init
 from .layers import (
     column_parallel_input,
     column_parallel_linear,
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
-    normal_init,
     reduce_from_tensor_parallel_region,
     row_parallel_linear,
     scatter_to_sequence_parallel_region,
@@ -23,7 +24,6 @@ from .layers import (
 )
 
 __all__ = [
-    "DeepSpeedMPU",
     "ParallelDims",
     "column_parallel_input",
     "column_parallel_linear",

@@ -64,8 +64,8 @@ def _sum_over_tp(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def register_sequence_parallel_grad_hooks(model: nn.Module) -> list[str]:
     """Make the gradient of every parameter with `sequence_parallel=True` the sum over TP ranks (see module doc).
 
-    Call once the model is built, before or after `deepspeed.initialize` (hooks live on the parameters). Idempotent:
-    parameters already hooked are skipped. Returns the names of the parameters hooked by this call.
+    Call once the model is built, before or after wrapping it in a training engine (hooks live on the parameters).
+    Idempotent: parameters already hooked are skipped. Returns the names of the parameters hooked by this call.
     """
     hooked = []
     for name, param in model.named_parameters():

@@ -1,4 +1,4 @@
-"""Process groups: megatron-core `parallel_state` (TP x DP), the model-parallel RNG, and DeepSpeed's `mpu`.
+"""Process groups: megatron-core `parallel_state` (TP x DP) and the model-parallel RNG.
 
 Ranks are laid out as megatron does (TP innermost: with tp=2, ranks {0, 1} share a tensor-parallel group).
 Pipeline and context parallel are 1. megatron-core is imported only by `init_parallel`, so a single-process model
@@ -44,65 +44,6 @@ class ParallelDims:
     @property
     def dp_group(self) -> dist.ProcessGroup:
         return _parallel_state().get_data_parallel_group()
-
-    @property
-    def mpu(self) -> DeepSpeedMPU:
-        """The object to pass as `deepspeed.initialize(mpu=...)`."""
-        return DeepSpeedMPU()
-
-
-class DeepSpeedMPU:
-    """megatron's process groups under the method names DeepSpeed 0.19 calls on `mpu`.
-
-    megatron's `parallel_state` module cannot be passed itself: ZeRO 1-3, gradient clipping and checkpoint naming
-    call `get_model_parallel_rank/world_size` and `get_data_parallel_group_ranks`, which it lacks. "Model
-    parallel" is megatron's model-parallel group (TP x PP, PP = 1). Deliberately absent: `get_sequence_parallel_*`,
-    `get_sequence_data_parallel_*`, `initialize_sequence_parallel`, `get_slice_parallel_*` — DeepSpeed reads those
-    as Ulysses sequence parallelism and then changes its data-parallel group; Megatron sequence parallel lives
-    inside the TP group and is invisible to DeepSpeed.
-    """
-
-    def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_model_parallel_group()
-
-    def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self.get_model_parallel_group())
-
-    def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self.get_model_parallel_group())
-
-    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return _parallel_state().get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return _parallel_state().get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return _parallel_state().get_tensor_model_parallel_src_rank()
-
-    def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_data_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return _parallel_state().get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return _parallel_state().get_data_parallel_world_size()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.get_data_parallel_group())
-
-    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return _parallel_state().get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return _parallel_state().get_pipeline_model_parallel_world_size()
 
 
 _SINGLE_RANK = ParallelDims()

@@ -27,8 +27,6 @@ identically, so a TP=2 model equals the TP=1 model built from the same seed, sha
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +34,7 @@ from torch import nn
 
 from .grads import mark_tensor_parallel
 from .groups import ParallelDims, parallel_dims
-
-InitMethod = Callable[[torch.Tensor], object]
-
-
-def normal_init(std: float = 0.02) -> InitMethod:
-    """In-place N(0, std²) initialiser."""
-    return partial(nn.init.normal_, mean=0.0, std=std)
-
-
-DEFAULT_INIT = normal_init(0.02)
+from .init_methods import DEFAULT_INIT, InitMethod
 
 
 def tensor_parallel_share(n: int, name: str) -> int:

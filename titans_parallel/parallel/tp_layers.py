@@ -18,7 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from .groups import ParallelDims, parallel_dims
-from .layers import InitMethod
+from .init_methods import InitMethod
 
 
 @cache
