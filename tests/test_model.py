@@ -101,6 +101,19 @@ def test_persistent_tokens_visible_beyond_the_window():
     assert not torch.allclose(model(ids)[0, 20], logits)
 
 
+def test_mal_attention_reads_the_tokens_not_only_the_memory():
+    """MAL's attention reads the residual stream after the memory (x + y): with the memory's output zeroed (y = 0)
+    the layer's output still depends on the tokens in the window."""
+    model = make_model("mal", n_layers=1)
+    with torch.no_grad():
+        model.layers[0].mixer.memory.out_proj.weight.zero_()
+    ids = torch.randint(0, 61, (1, 6))
+    changed = ids.clone()
+    changed[0, 3] = (ids[0, 3] + 1) % 61
+    logits = [model(x)[0, 5] for x in (ids, changed)]
+    assert (logits[0] - logits[1]).abs().max() > 1e-6
+
+
 def test_mac_memory_learns_from_the_tokens_not_only_from_attention():
     """MAC's memory writes the residual stream after attention (segment + y): with attention's output zeroed
     (y = 0) the memory's state at the end still depends on which tokens it read."""

@@ -169,7 +169,9 @@ class MAGMixer(nn.Module):
 
 
 class MALMixer(nn.Module):
-    """Memory as a layer: y = LMM(P || x), o = SWA(y) with the memory's outputs at P as the attention prefix."""
+    """Memory as a layer: y = LMM(P || x), o = SWA(x + y) with the memory's outputs at P as the attention prefix.
+    Attention reads the residual stream after the memory layer, as two stacked layers would: reading y alone
+    (which starts at the residual-branch scale) it learned passkey recall to 0.47, with x + y to 0.88 (docs/memory.md)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -184,7 +186,7 @@ class MALMixer(nn.Module):
             self.persistent.memory_prefix(memory_cache), x, memory_cache
         )
         prefix = prefix if persistent_out is None else persistent_out
-        out, attn_cache = self.attn(y, prefix=prefix, cache=attn_cache)
+        out, attn_cache = self.attn(x + y, prefix=prefix, cache=attn_cache)
         return out, MALCache(memory_cache, attn_cache, prefix)
 
 
