@@ -152,6 +152,8 @@ def sliding_window_attention(
 
     prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
     companion = companion_k is not None
+    if backend == "sdpa" and window is not None and q_len >= 2 * window:
+        return _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale)
     k = torch.cat([t for t in (prefix_k, companion_k, k) if t is not None], dim=-2)
     v = torch.cat([t for t in (prefix_v, companion_v, v) if t is not None], dim=-2)
     if backend == "flex":
@@ -163,6 +165,47 @@ def sliding_window_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = (q @ k.transpose(-2, -1)) * scale
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+def _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale) -> torch.Tensor:
+    """The sdpa backend in O(T window): queries in blocks of `window`, each against only the keys it can see.
+
+    Block n holds the queries at positions off + n W .. off + (n + 1) W - 1 (off = Tk - Tq) and sees the
+    2 W - 1 key positions ending at its last query (`_key_blocks`), plus the prefix; query r of a block sees
+    block keys c with r <= c <= r + W - 1 that are real (position >= 0), companion keys likewise. Padded query rows
+    (after the last query) see their own position, so no softmax row is empty; they are dropped.
+    """
+    B, H, q_len, d = q.shape
+    offset, n_blocks = k.shape[-2] - q_len, -(-q_len // window)
+    span = 2 * window - 1
+    q_blocks = F.pad(q, (0, 0, 0, n_blocks * window - q_len)).view(B, H, n_blocks, window, d)
+    r = torch.arange(window, device=q.device)[:, None]
+    c = torch.arange(span, device=q.device)[None, :]
+    first_key = offset + window * torch.arange(n_blocks, device=q.device)[:, None, None] - (window - 1)
+    band = (c >= r) & (c <= r + window - 1) & (first_key + c >= 0)  # [N, W, 2W - 1]
+    keys, values, masks = [], [], []
+    if prefix_k is not None:
+        keys.append(prefix_k[:, :, None].expand(-1, -1, n_blocks, -1, -1))
+        values.append(prefix_v[:, :, None].expand(-1, -1, n_blocks, -1, -1))
+        masks.append(band.new_ones(n_blocks, window, prefix_k.shape[-2]))
+    for part_k, part_v in ((companion_k, companion_v), (k, v)):
+        if part_k is not None:
+            keys.append(_key_blocks(part_k, window, offset, n_blocks))
+            values.append(_key_blocks(part_v, window, offset, n_blocks))
+            masks.append(band)
+    out = F.scaled_dot_product_attention(
+        q_blocks, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), attn_mask=torch.cat(masks, dim=-1), scale=scale
+    )
+    return out.view(B, H, n_blocks * window, d)[:, :, :q_len]
+
+
+def _key_blocks(t: torch.Tensor, window: int, offset: int, n_blocks: int) -> torch.Tensor:
+    """[B, H, Tk, d] -> [B, H, N, 2W - 1, d]: block n holds key positions offset + n W - (W - 1) ..
+    offset + (n + 1) W - 1, zero where a position is before the first key or after the last."""
+    left = max(0, window - 1 - offset)
+    right = n_blocks * window + offset - t.shape[-2]
+    padded = F.pad(t, (0, 0, left, right))[:, :, max(0, offset - window + 1) :]
+    return padded.unfold(2, 2 * window - 1, window).transpose(-1, -2)
 
 
 @functools.lru_cache(maxsize=64)
