@@ -17,6 +17,8 @@ import argparse
 import torch
 
 from timing import interleaved_medians
+
+from pretrain.denormals import flush_denormals
 from titans_parallel.memory import NeuralMemory
 
 STABILISED = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)  # the defaults
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-peer", action="store_true", help="time titans-parallel only")
     args = parser.parse_args()
+    flush_denormals()
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seq, args.dim, device=args.device)

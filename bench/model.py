@@ -18,6 +18,8 @@ import argparse
 import torch
 
 from timing import interleaved_medians
+
+from pretrain.denormals import flush_denormals
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
 from titans_parallel.config import MEMORY_KINDS
 
@@ -63,7 +65,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="memory variants' scan")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--keep-denormals", action="store_true", help="CPU: leave flush-to-zero off (pretrain/denormals.py)")
     args = parser.parse_args()
+    if not args.keep_denormals:
+        flush_denormals()
 
     torch.manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.denormals import flush_denormals  # noqa: E402
 from pretrain.eval.tasks import (  # noqa: E402
     MQARVocab,
     PasskeyVocab,
@@ -331,6 +332,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/recall-<task>.json)")
     args = p.parse_args(argv)
+    flush_denormals()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pretrain.denormals import flush_denormals
 from pretrain.eval.heatmap import write_heatmap
 from pretrain.eval.loading import dataset_root, dataset_tokenizer, load_model_and_seq_len, val_stream
 from pretrain.eval.memory_contribution import memory_learning
@@ -171,6 +172,7 @@ def format_perplexity(reports: list[dict], seq_len: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser, args = parse_args(argv)
+    flush_denormals()
     model, trained_seq_len = load_model_and_seq_len(args.model)
     seq_len = args.seq_len or trained_seq_len
     if seq_len is None:

@@ -20,6 +20,7 @@ from typing import NoReturn
 import sentencepiece as spm
 import torch
 
+from pretrain.denormals import flush_denormals
 from titans_parallel.model import check_sampling
 
 REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.prompt:
         raise ValueError("--prompt is empty: give text to continue")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    flush_denormals()
     model, sp = load(args.checkpoint, args.tokenizer)
     device = torch.device(args.device)
     model.to(device)

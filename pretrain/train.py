@@ -42,6 +42,7 @@ from pretrain import checkpoint
 from pretrain.batches import BatchSource, build_job_loader, dataset_root, loader_batches
 from pretrain.config import JobConfig, load_job_config, run_cli
 from pretrain.data import TokenLoader
+from pretrain.denormals import flush_denormals
 from pretrain.divergence import DivergenceError, DivergenceGuard, injected_nan_step, without_update
 from pretrain.engine import Engine, build_engine, global_grad_norm, init_distributed
 from pretrain.eval.niah import fixed_task_batches
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if world % config.parallel.tp:
         raise SystemExit(f"world size {world} is not divisible by parallel.tp={config.parallel.tp}")
     ensure_distributed_env()
+    flush_denormals()
     try:
         result = train(config, resume_from=args.resume_from, reset_data_position=args.reset_data_position)
     except (checkpoint.CheckpointError, DivergenceError) as e:  # one line; rank 0 speaks for errors all ranks share

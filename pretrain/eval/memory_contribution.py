@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pretrain.denormals import flush_denormals
 from pretrain.eval.loading import dataset_root, load_model_and_seq_len, val_batches
 from pretrain.eval.perplexity import position_buckets, position_loss
 from titans_parallel import TitansLM
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    flush_denormals()
     model, trained_seq_len = load_model_and_seq_len(args.model)
     seq_len = args.seq_len or trained_seq_len
     if seq_len is None:
