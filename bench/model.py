@@ -2,6 +2,7 @@
 
     python bench/model.py                         # D=256, 4 layers, segment/window 128, memory in layers 2 and 4
     python bench/model.py --seq 4096 --device cuda --no-peer
+    python bench/model.py --seq 1024 4096 16384 --no-peer --compile off   # tokens/s against T, one run
 
 Memory variants run eager and with `memory.compile_scan` (torch.compile of each chunk step; compiled in the
 warm-up round). The peer (pip install -r requirements-bench.txt) is built at matched size: dim 256, depth 4,
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024], help="one or more lengths, timed in the same rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
@@ -71,9 +72,8 @@ def main() -> None:
         flush_denormals()
 
     torch.manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
-    tokens = args.batch * args.seq
-    print(f"shape: B={args.batch} T={args.seq} D={args.dim} layers={args.layers} window/segment={args.window} "
+    ids = {T: torch.randint(0, args.vocab, (args.batch, T + 1), device=args.device) for T in args.seq}
+    print(f"shape: B={args.batch} T={','.join(map(str, args.seq))} D={args.dim} layers={args.layers} window/segment={args.window} "
           f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     models: dict[str, torch.nn.Module] = {}
@@ -85,20 +85,26 @@ def main() -> None:
         models["lucidrains MAC, its defaults"] = peer_model(args, matched=False)
         models["lucidrains MAC, matched (chunk 16, paper rule)"] = peer_model(args, matched=True)
 
-    def fwd_bwd(name: str, model: torch.nn.Module):
+    def fwd_bwd(name: str, model: torch.nn.Module, ids: torch.Tensor):
         model.to(args.device)
         if name.startswith("lucidrains"):
             return lambda: model(ids, return_loss=True).backward()
         return lambda: lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
 
-    seconds = interleaved_medians({n: fwd_bwd(n, m) for n, m in models.items()}, args.warmup, args.reps, ids.is_cuda)
-    rates = {name: tokens / s for name, s in seconds.items()}
-    for name, rate in rates.items():
-        n_params = sum(p.numel() for p in models[name].parameters())
-        print(f"{name:48s} {n_params / 1e6:6.2f}M params {rate:10,.0f} tokens/s")
-    for ours in (n for n in rates if n.startswith("titans-parallel mac")):
-        for peer in (n for n in rates if n.startswith("lucidrains")):
-            print(f"ratio {ours} / {peer}: {rates[ours] / rates[peer]:.1f}x")
+    steps = {(n, T): fwd_bwd(n, m, ids[T]) for n, m in models.items() for T in args.seq}
+    seconds = interleaved_medians(steps, args.warmup, args.reps, args.device.startswith("cuda"))
+    rates = {key: args.batch * key[1] / s for key, s in seconds.items()}
+    lengths = "".join(f"{f'T={T}':>12s}" for T in args.seq)
+    print(f"{'tokens/s':48s} {'params':>7s} {lengths}" + (f" {'last/first':>11s}" if len(args.seq) > 1 else ""))
+    for name, model in models.items():
+        n_params = sum(p.numel() for p in model.parameters())
+        row = "".join(f"{rates[name, T]:12,.0f}" for T in args.seq)
+        flat = f" {rates[name, args.seq[-1]] / rates[name, args.seq[0]]:10.2f}x" if len(args.seq) > 1 else ""
+        print(f"{name:48s} {n_params / 1e6:6.2f}M {row}{flat}")
+    for T in args.seq:
+        for ours in (n for n in models if n.startswith("titans-parallel mac")):
+            for peer in (n for n in models if n.startswith("lucidrains")):
+                print(f"ratio at T={T}: {ours} / {peer}: {rates[ours, T] / rates[peer, T]:.1f}x")
 
 
 if __name__ == "__main__":
