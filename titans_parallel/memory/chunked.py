@@ -147,7 +147,7 @@ def memory_scan(
         gates = (grid.to_grid(g.to(dtype), fill) for g, fill in ((theta, 0.0), (eta, 1.0), (alpha, 0.0)))
         coef = ChunkCoefficients.from_gates(*gates, grid.per_head(grid.ends, H), retrieve)
         inputs = (*(grid.to_grid(x.to(dtype), 0.0) for x in (k, v, q)), *coef)
-        restarts = None if resets is None else _Restarts(grid.per_head(grid.starts, H), grid.per_head(grid.after, H))
+        restarts = None if resets is None else _Restarts(grid.per_head(grid.starts, H), grid.restart_chunks)
         reset_stacked = [] if resets is None else _stacked(reset_state, dtype)
         if backward == "explicit":
             compiled = compile and C == chunk_size
@@ -173,10 +173,11 @@ def _stacked(state: MemoryState, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 class _Restarts(NamedTuple):
-    """Per-chunk reset flags [BH, N] bool (`ChunkGrid.starts`, `ChunkGrid.after`)."""
+    """Which rows start each chunk from the reset state, [BH, N] bool, and the chunks where any row does
+    (`ChunkGrid.starts`, `ChunkGrid.restart_chunks`)."""
 
     starts: torch.Tensor
-    after: torch.Tensor
+    chunks: frozenset[int]
 
 
 def _paired(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -212,72 +213,51 @@ def _forward_chunks(
     states: list,
     saved: list | None,
     step=None,
-    lengths: list | None = None,
+    normalized: list | None = None,
     restarts: _Restarts | None = None,
     reset_states: list = (),
 ) -> tuple[torch.Tensor, list]:
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
     [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given and, with
-    `normalize`, each chunk's pre-normalisation column lengths (clamped) [BH, 1, out_l] per layer to `lengths`.
-    `step` replaces `_chunk_forward` (by its compiled twin). With `restarts`, a chunk flagged in `starts` begins
-    from `reset_states` (stacked like `states`) instead of the previous chunk's end."""
+    `normalize`, each chunk's (targets, pre-normalisation column lengths (clamped)), [BH, 1, out_l] per layer, to
+    `normalized`. `step` replaces `_chunk_forward` (by its compiled twin). With `restarts`, the rows flagged for
+    a chunk start it from `reset_states` (stacked like `states`) and aim at their column lengths from then on."""
     step = step or _chunk_forward
-    initial_targets = [column_norms(_top(s)) for s in states] if normalize else None
+    targets = [column_norms(_top(s)) for s in states] if normalize else None
     reset_targets = [column_norms(_top(s)) for s in reset_states] if normalize else None
     outputs = []
     for n, chunk in enumerate(zip(*(t.unbind(1) for t in inputs))):
-        if restarts is not None:
+        if restarts is not None and n in restarts.chunks:
             states = _restarted(states, reset_states, restarts.starts[:, n])
+            targets = _restarted(targets, reset_targets, restarts.starts[:, n]) if normalize else None
         z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
         outputs.append(z)
         if saved is not None:
             saved.append(kept)
         if normalize:
-            targets = _chunk_targets(initial_targets, reset_targets, restarts, n)
             norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
             if torch.is_grad_enabled():  # backward="autograd": out of place, autograd keeps the norms' inputs
-                new_states = [_with_top(s, _top(s) * (n / r)) for s, n, r in zip(new_states, targets, norms)]
+                new_states = [_with_top(s, _top(s) * (t / r)) for s, t, r in zip(new_states, targets, norms)]
             else:  # the explicit backward's forward: the step's fresh end states, scaled in place
-                for s, n, r in zip(new_states, targets, norms):
-                    _top(s).mul_(n / r)
-            if lengths is not None:
-                lengths.append(norms)
+                for s, t, r in zip(new_states, targets, norms):
+                    _top(s).mul_(t / r)
+            if normalized is not None:
+                normalized.append((targets, norms))
         states = new_states
     return torch.stack(outputs, dim=1), states
 
 
-def _restarted(states: list, reset_states: list, start: torch.Tensor) -> list:
-    """The chunk-start states: reset_states in the rows where start [BH] is True, else states."""
-    return [torch.where(start[:, None, None], r, s) for s, r in zip(states, reset_states)]
+def _restarted(current: list, reset: list, start: torch.Tensor) -> list:
+    """reset in the rows where start [BH] is True, else current (states [BH, 2 in, out] or targets [BH, 1, out])."""
+    return [torch.where(start[:, None, None], r, c) for c, r in zip(current, reset)]
 
 
-def _restarted_backward(d_states: list, d_resets: list, start: torch.Tensor) -> list:
-    """Backward of `_restarted`: adds the flagged rows' gradients to d_resets (in place); returns the others'."""
+def _restarted_backward_(d_current: list, d_reset: list, start: torch.Tensor) -> None:
+    """Backward of `_restarted`, in place: moves the flagged rows' gradients from d_current to d_reset."""
     flag = start[:, None, None]
-    for d, d_reset in zip(d_states, d_resets):
-        d_reset.add_(torch.where(flag, d, 0.0))
-    return [d.masked_fill(flag, 0.0) for d in d_states]
-
-
-def _chunk_targets(initial: list, reset: list, restarts: _Restarts | None, n: int) -> list:
-    """Chunk n's normalisation targets [BH, 1, out_l]: the call's start weights' column lengths, or the reset
-    weights' in the rows where a reset happened at or before chunk n."""
-    if restarts is None:
-        return initial
-    after = restarts.after[:, n, None, None]
-    return [torch.where(after, r, i) for i, r in zip(initial, reset)]
-
-
-def _chunk_targets_backward_(d_targets: list, d_initial: list, d_reset: list, restarts: _Restarts | None, n: int):
-    """Backward of `_chunk_targets`: adds d_targets to d_initial and d_reset (in place)."""
-    if restarts is None:
-        for d, d_i in zip(d_targets, d_initial):
-            d_i.add_(d)
-        return
-    after = restarts.after[:, n, None, None]
-    for d, d_i, d_r in zip(d_targets, d_initial, d_reset):
-        d_i.add_(d.masked_fill(after, 0.0))
-        d_r.add_(torch.where(after, d, 0.0))
+    for d, d_r in zip(d_current, d_reset):
+        d_r.add_(torch.where(flag, d, 0.0))
+        d.masked_fill_(flag, 0.0)
 
 
 def _with_top(stacked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -363,14 +343,14 @@ class _ChunkLoop(torch.autograd.Function):
         depth = (len(tensors) - 8) // (1 if restarts is None else 2)
         inputs, states, reset_states = tensors[:8], list(tensors[8 : 8 + depth]), list(tensors[8 + depth :])
         saved: list[_Intermediates] = []
-        lengths: list[list[torch.Tensor]] = []
+        normalized: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         step = _compiled(_chunk_forward, inputs[0].device.type) if compiled else None
         y, end_states = _forward_chunks(
-            ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, lengths, restarts,
+            ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, normalized, restarts,
             reset_states,
         )
         ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
-        ctx.polyak, ctx.normalize, ctx.lengths, ctx.restarts, ctx.depth = polyak, normalize, lengths, restarts, depth
+        ctx.polyak, ctx.normalize, ctx.normalized, ctx.restarts, ctx.depth = polyak, normalize, normalized, restarts, depth
         ctx.end_weights = [_top(s).clone() for s in end_states] if normalize else None
         ctx.save_for_backward(*tensors)
         return (y, *end_states)
@@ -386,33 +366,30 @@ class _ChunkLoop(torch.autograd.Function):
         dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
         d_resets = [torch.zeros_like(r) for r in reset_states]
         grads = [[] for _ in inputs]
-        if ctx.normalize:
-            initial_targets = [column_norms(_top(st)) for st in initial]
-            reset_targets = [column_norms(_top(st)) for st in reset_states]
-            d_initial_targets = [torch.zeros_like(t) for t in initial_targets]
-            d_reset_targets = [torch.zeros_like(t) for t in reset_targets]
+        if ctx.normalize:  # d_targets: the gradient of the targets in force (the call's start, then the resets')
+            d_targets = [torch.zeros_like(t) for t in ctx.normalized[-1][0]]
+            d_reset_targets = [torch.zeros_like(t) for t in d_targets] if reset_states else []
             d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
         for n in range(len(saved) - 1, -1, -1):
             if ctx.normalize:
                 # Chunk n's normalised end is chunk n + 1's start, except in rows that restart there: their d_states
-                # are zero (`_restarted_backward`), so whatever stands in for the end there contributes nothing.
+                # are zero (`_restarted_backward_`), so whatever stands in for the end there contributes nothing.
                 ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
-                targets = _chunk_targets(initial_targets, reset_targets, restarts, n)
-                d_targets = [
-                    _renormalized_backward_(_top(d), w, t, r) for d, w, t, r in zip(d_states, ends, targets, ctx.lengths[n])
-                ]
-                _chunk_targets_backward_(d_targets, d_initial_targets, d_reset_targets, restarts, n)
+                targets, lengths = ctx.normalized[n]
+                for d, w, t, r, d_t in zip(d_states, ends, targets, lengths, d_targets):
+                    d_t.add_(_renormalized_backward_(_top(d), w, t, r))
             chunk = [t[:, n] for t in inputs]
             chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
-            if restarts is not None:
-                d_states = _restarted_backward(d_states, d_resets, restarts.starts[:, n])
-        if ctx.normalize:
-            for d, st, t, d_t in zip(d_states + d_resets, initial + reset_states, initial_targets + reset_targets,
-                                     d_initial_targets + d_reset_targets):
-                _column_norms_backward_(_top(d), _top(st), t, d_t)
-        ctx.intermediates = ctx.lengths = ctx.end_weights = ctx.restarts = None
+            if restarts is not None and n in restarts.chunks:  # d_states are the step's own, d_targets ours
+                _restarted_backward_(d_states, d_resets, restarts.starts[:, n])
+                if ctx.normalize:
+                    _restarted_backward_(d_targets, d_reset_targets, restarts.starts[:, n])
+        if ctx.normalize:  # the targets are column norms of the start and reset weights
+            for d, st, d_t in zip(d_states + d_resets, initial + reset_states, d_targets + d_reset_targets):
+                _column_norms_backward_(_top(d), _top(st), d_t)
+        ctx.intermediates = ctx.normalized = ctx.end_weights = ctx.restarts = None
         return (None,) * 6 + (*(torch.stack(g[::-1], dim=1) for g in grads), *d_states, *d_resets)
 
 
@@ -428,9 +405,9 @@ def _renormalized_backward_(
     return along
 
 
-def _column_norms_backward_(d_weight: torch.Tensor, weight: torch.Tensor, norms: torch.Tensor, d_norms) -> None:
-    """Adds the gradient through norms = `column_norms`(weight) [BH, 1, out] to d_weight, in place."""
-    d_weight.addcmul_(weight, d_norms / norms.clamp_min(WEIGHT_NORM_EPS))
+def _column_norms_backward_(d_weight: torch.Tensor, weight: torch.Tensor, d_norms: torch.Tensor) -> None:
+    """Adds the gradient through `column_norms`(weight) [BH, 1, out] to d_weight, in place."""
+    d_weight.addcmul_(weight, d_norms / column_norms(weight).clamp_min(WEIGHT_NORM_EPS))
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
