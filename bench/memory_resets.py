@@ -41,8 +41,9 @@ def main() -> None:
     B, H, T, d, dev = args.batch, args.heads, args.seq, args.head_dim, args.device
     q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, d, device=dev), dim=-1) for _ in range(2))
     v = torch.randn(B, H, T, d, device=dev)
-    theta, eta, alpha = 0.1 * torch.rand(B, H, T, device=dev), torch.rand(B, H, T, device=dev), 0.01 * torch.rand(
-        B, H, T, device=dev)
+    theta = 0.1 * torch.rand(B, H, T, device=dev)
+    eta = torch.rand(B, H, T, device=dev)
+    alpha = 0.01 * torch.rand(B, H, T, device=dev)
     widths = [d] + [4 * d] * (args.depth - 1) + [d]
     w0 = [torch.randn(1, H, widths[i], widths[i + 1], device=dev) / widths[i] ** 0.5 for i in range(args.depth)]
     leaves = [t.requires_grad_() for t in (q, k, v, theta, eta, alpha, *w0)]
@@ -62,9 +63,10 @@ def main() -> None:
         return step
 
     chunks = ChunkGrid.from_resets(resets, args.chunk).chunks
+    rule_name = "paper" if args.paper_rule else "stabilised"
     print(f"shape: B={B} H={H} d={d} T={T} chunk={args.chunk} depth={args.depth} resets/row={args.resets} "
-          f"({chunks} chunks per row instead of {-(-T // args.chunk)}) rule={'paper' if args.paper_rule else 'stabilised'} "
-          f"compile={args.compile} device={dev} threads={torch.get_num_threads()} rounds={args.reps}")
+          f"({chunks} chunks per row instead of {-(-T // args.chunk)}) rule={rule_name} compile={args.compile} "
+          f"device={dev} threads={torch.get_num_threads()} rounds={args.reps}")
     cuda = dev.startswith("cuda")
     steps = {"resets=None": fwd_bwd(False), "resets": fwd_bwd(True)}
     seconds = interleaved_medians(steps, args.warmup, args.reps, cuda, time.perf_counter if cuda else time.process_time)

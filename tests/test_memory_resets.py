@@ -178,6 +178,22 @@ def test_short_rows_and_one_token_documents(T, chunk_size, rows):
                  loss_and_grads(memory_scan_reference, inputs, state, reset_state, **kw))
 
 
+def test_float32_with_resets_tracks_float64():
+    """fp32 inputs and states: the explicit path's outputs and end state within 1e-5 of float64 on the same values."""
+    inputs, state = make_inputs(T=40, depth=2, seed=30)
+    reset_state = make_reset_state(2)
+    kw = dict(chunk_size=16, resets=reset_mask(40, ([5, 21], [0, 33])), **ALL_STABILISERS)
+    single = lambda st: MemoryState(*[tuple(t.float() for t in ts) for ts in st])  # noqa: E731
+    y, end = memory_scan(**{n: t.float() for n, t in inputs.items()}, state=single(state),
+                         reset_state=single(reset_state), **kw)
+    exact = {n: t.float().double() for n, t in inputs.items()}
+    y_exact, end_exact = memory_scan(**exact, state=single(state), reset_state=single(reset_state), **kw)
+    assert y.dtype == torch.float32 and y_exact.dtype == torch.float64
+    scale = y_exact.abs().max().item()
+    assert (y.double() - y_exact).abs().max().item() <= 1e-5 * scale
+    assert max_state_diff(MemoryState(*[tuple(t.double() for t in ts) for ts in end]), end_exact) <= 1e-5 * scale
+
+
 def test_bad_reset_arguments_are_named():
     inputs, state = make_inputs(T=8, depth=2)
     mask = torch.zeros(B, 8, dtype=torch.bool)

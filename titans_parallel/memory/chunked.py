@@ -126,6 +126,7 @@ def memory_scan(
     `reset_state` (a MemoryState shaped like `state`, differentiable), the row's chunks are counted from that
     token and with `normalize_weights` the column lengths aimed at are the reset weights'. Every document's outputs
     are those of a call on it alone from `reset_state`; the returned state is the one after the last token.
+    (`reset_state` is not read without `resets`.)
     With resets the tokens are laid out in a per-row grid (`ChunkGrid.from_resets`), which costs one host sync
     per call before the loop over chunks; `resets=None` is the plain grid, unchanged.
     """
@@ -350,7 +351,8 @@ class _ChunkLoop(torch.autograd.Function):
             reset_states,
         )
         ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
-        ctx.polyak, ctx.normalize, ctx.normalized, ctx.restarts, ctx.depth = polyak, normalize, normalized, restarts, depth
+        ctx.polyak, ctx.normalize, ctx.normalized = polyak, normalize, normalized
+        ctx.restarts, ctx.depth = restarts, depth
         ctx.end_weights = [_top(s).clone() for s in end_states] if normalize else None
         ctx.save_for_backward(*tensors)
         return (y, *end_states)

@@ -80,6 +80,6 @@ class ChunkGrid(NamedTuple):
 
     def _rows(self, H: int) -> torch.Tensor:
         """[B H T]: where token t of row (b, h) sits in the flattened [B H N C] grid."""
-        B, T = self.slots.shape
+        B = self.slots.shape[0]
         heads = torch.arange(B * H, device=self.slots.device).view(B, H, 1) * (self.chunks * self.size)
         return (heads + self.slots[:, None, :]).flatten()
