@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .grid import ChunkGrid
 from .state import (
     ACTIVATIONS,
     GATE_EPS,
@@ -33,6 +34,7 @@ from .state import (
     WEIGHT_NORM_EPS,
     Activation,
     MemoryState,
+    check_resets,
     check_scan_args,
     column_norms,
     effective_theta,
@@ -49,7 +51,7 @@ class ChunkCoefficients(NamedTuple):
     retrieval); mixing [BH, N, C, C]: G = (P R) diag(theta), likewise shifted;
     decay [BH, N, 2, 1]: (end_b, end_eta) and carry [BH, N, 1, 1]: end_f, in W_end = end_b W + end_f S - ...,
     S_end = end_eta S - ...; update [BH, N, C, 2, 1]: (end_g, end_m), the weights of each token's inner gradient
-    in the chunk-end W and S. The chunk end is the last real token (the final chunk may be padded).
+    in the chunk-end W and S. The chunk end is the last real token (chunks may be padded: `ChunkGrid`).
     """
 
     retrieval: torch.Tensor
@@ -59,8 +61,9 @@ class ChunkCoefficients(NamedTuple):
     update: torch.Tensor
 
     @classmethod
-    def from_gates(cls, theta, eta, alpha, last: int, retrieve: str) -> "ChunkCoefficients":
-        """theta, eta, alpha: [BH, N, C]; `last` is the index of the final chunk's last real token."""
+    def from_gates(cls, theta, eta, alpha, ends: torch.Tensor, retrieve: str) -> "ChunkCoefficients":
+        """theta, eta, alpha: [BH, N, C]; ends [BH or 1, N]: each chunk's last real token (`ChunkGrid.ends`; -1: an
+        empty chunk, whose coefficients leave the state as it is)."""
         C = theta.shape[-1]
         log_keep = torch.cumsum(torch.log((1 - alpha).clamp(GATE_EPS, 1.0)), dim=-1)
         log_eta = torch.cumsum(torch.log(eta.clamp(GATE_EPS, 1.0)), dim=-1)
@@ -71,15 +74,13 @@ class ChunkCoefficients(NamedTuple):
         b = torch.exp(log_keep)
         f = (P @ torch.exp(log_eta)[..., None]).squeeze(-1)
 
-        rows = torch.full(theta.shape[-2:-1], C - 1, dtype=torch.long, device=theta.device)
-        rows[-1] = last
-        pick = rows.view(1, -1, 1)
+        pick = ends.clamp_min(0)[..., None]
         end_log_eta = torch.take_along_dim(log_eta, pick, dim=-1)
-        upto = torch.arange(C, device=theta.device) <= rows[:, None]
+        upto = torch.arange(C, device=theta.device) <= ends[..., None]
         end_g = torch.take_along_dim(G, pick[..., None], dim=-2).squeeze(-2)
         end_m = theta * torch.exp((end_log_eta - log_eta).masked_fill(~upto, float("-inf")))
         decay = torch.stack([torch.take_along_dim(b, pick, dim=-1), torch.exp(end_log_eta)], dim=-2)
-        carry = torch.take_along_dim(f, pick, dim=-1)
+        carry = torch.take_along_dim(f, pick, dim=-1).masked_fill(ends[..., None] < 0, 0.0)
 
         if retrieve == "exclusive":
             b = torch.cat([torch.ones_like(b[..., :1]), b[..., :-1]], dim=-1)
@@ -105,6 +106,8 @@ def memory_scan(
     polyak_step: bool = False,
     momentum_ema: bool = False,
     normalize_weights: bool = False,
+    resets: torch.Tensor | None = None,
+    reset_state: MemoryState | None = None,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Run the neural memory over a sequence; returns (y [B, H, T, d_out] in q's dtype, state at the end).
 
@@ -119,45 +122,63 @@ def memory_scan(
     (a per-token factor of the mixing and update coefficients, computed inside each chunk step);
     `normalize_weights` rescales every W_l's columns at each chunk end to their lengths at the call's start
     (`state.renormalized`; the explicit backward maps gradients through it between chunk steps).
+    Document resets: `resets` [B, T] bool, True at the first token of a document; the state before it becomes
+    `reset_state` (a MemoryState shaped like `state`, differentiable), the row's chunks are counted from that
+    token and with `normalize_weights` the column lengths aimed at are the reset weights'. Every document's outputs
+    are those of a call on it alone from `reset_state`; the returned state is the one after the last token.
+    (`reset_state` is not read without `resets`.)
+    With resets the tokens are laid out in a per-row grid (`ChunkGrid.from_resets`), which costs one host sync
+    per call before the loop over chunks; `resets=None` is the plain grid, unchanged.
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
+    check_resets(resets, reset_state, state, q)
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
     if compile and backward != "explicit":
         raise ValueError('compile=True compiles the explicit backward\'s steps; it needs backward="explicit"')
     B, H, T, _ = q.shape
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
-    stacked = [torch.cat([w.to(dtype), s.to(dtype)], dim=-2) for w, s in zip(state.weights, state.momentum)]
-    stacked = [s.flatten(0, 1) for s in stacked]
+    stacked = _stacked(state, dtype)
     if T == 0:
         y = q.new_zeros(B, H, 0, v.shape[-1])
     else:
         C = min(chunk_size, T)
-        N = -(-T // C)
-
-        def chunks(x: torch.Tensor, fill: float) -> torch.Tensor:
-            x = x.to(dtype).flatten(0, 1)
-            if N * C > T:
-                x = torch.cat([x, x.new_full((x.shape[0], N * C - T, *x.shape[2:]), fill)], dim=1)
-            return x.view(B * H, N, C, *x.shape[2:])
-
+        grid = ChunkGrid.plain(T, C, q.device) if resets is None else ChunkGrid.from_resets(resets, C)
         theta = effective_theta(theta.to(dtype), eta.to(dtype).clamp(GATE_EPS, 1.0), momentum_ema)
-        coef = ChunkCoefficients.from_gates(chunks(theta, 0.0), chunks(eta, 1.0), chunks(alpha, 0.0), (T - 1) % C, retrieve)
-        inputs = (chunks(k, 0.0), chunks(v, 0.0), chunks(q, 0.0), *coef)
+        gates = (grid.to_grid(g.to(dtype), fill) for g, fill in ((theta, 0.0), (eta, 1.0), (alpha, 0.0)))
+        coef = ChunkCoefficients.from_gates(*gates, grid.per_head(grid.ends, H), retrieve)
+        inputs = (*(grid.to_grid(x.to(dtype), 0.0) for x in (k, v, q)), *coef)
+        restarts = None if resets is None else _Restarts(grid.per_head(grid.starts, H), grid.restart_chunks)
+        reset_stacked = [] if resets is None else _stacked(reset_state, dtype)
         if backward == "explicit":
             compiled = compile and C == chunk_size
             y, *stacked = _ChunkLoop.apply(
-                activation, retrieve, polyak_step, normalize_weights, compiled, *inputs, *stacked
+                activation, retrieve, polyak_step, normalize_weights, compiled, restarts, *inputs, *stacked,
+                *reset_stacked,
             )
         else:
             y, stacked = _forward_chunks(
-                ACTIVATIONS[activation], retrieve, polyak_step, normalize_weights, inputs, stacked, saved=None
+                ACTIVATIONS[activation], retrieve, polyak_step, normalize_weights, inputs, stacked, saved=None,
+                restarts=restarts, reset_states=reset_stacked,
             )
-        y = y.reshape(B, H, N * C, -1)[:, :, :T]
+        y = grid.from_grid(y, B, H, T)
     stacked = [s.unflatten(0, (B, H)) for s in stacked]
     weights = tuple(s[:, :, : w.shape[-2]] for s, w in zip(stacked, state.weights))
     momentum = tuple(s[:, :, w.shape[-2] :] for s, w in zip(stacked, state.weights))
     return y.to(out_dtype), MemoryState(weights, momentum)
+
+
+def _stacked(state: MemoryState, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each layer's [W_l; S_l] [BH, 2 in_l, out_l] in `dtype`."""
+    return [torch.cat([w.to(dtype), s.to(dtype)], dim=-2).flatten(0, 1) for w, s in zip(state.weights, state.momentum)]
+
+
+class _Restarts(NamedTuple):
+    """Which rows start each chunk from the reset state, [BH, N] bool, and the chunks where any row does
+    (`ChunkGrid.starts`, `ChunkGrid.restart_chunks`)."""
+
+    starts: torch.Tensor
+    chunks: frozenset[int]
 
 
 def _paired(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -193,16 +214,23 @@ def _forward_chunks(
     states: list,
     saved: list | None,
     step=None,
-    lengths: list | None = None,
+    normalized: list | None = None,
+    restarts: _Restarts | None = None,
+    reset_states: list = (),
 ) -> tuple[torch.Tensor, list]:
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
     [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given and, with
-    `normalize`, each chunk's pre-normalisation column lengths (clamped) [BH, 1, out_l] per layer to `lengths`.
-    `step` replaces `_chunk_forward` (by its compiled twin)."""
+    `normalize`, each chunk's (targets, pre-normalisation column lengths (clamped)), [BH, 1, out_l] per layer, to
+    `normalized`. `step` replaces `_chunk_forward` (by its compiled twin). With `restarts`, the rows flagged for
+    a chunk start it from `reset_states` (stacked like `states`) and aim at their column lengths from then on."""
     step = step or _chunk_forward
     targets = [column_norms(_top(s)) for s in states] if normalize else None
+    reset_targets = [column_norms(_top(s)) for s in reset_states] if normalize else None
     outputs = []
-    for chunk in zip(*(t.unbind(1) for t in inputs)):
+    for n, chunk in enumerate(zip(*(t.unbind(1) for t in inputs))):
+        if restarts is not None and n in restarts.chunks:
+            states = _restarted(states, reset_states, restarts.starts[:, n])
+            targets = _restarted(targets, reset_targets, restarts.starts[:, n]) if normalize else None
         z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
         outputs.append(z)
         if saved is not None:
@@ -210,14 +238,27 @@ def _forward_chunks(
         if normalize:
             norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
             if torch.is_grad_enabled():  # backward="autograd": out of place, autograd keeps the norms' inputs
-                new_states = [_with_top(s, _top(s) * (n / r)) for s, n, r in zip(new_states, targets, norms)]
+                new_states = [_with_top(s, _top(s) * (t / r)) for s, t, r in zip(new_states, targets, norms)]
             else:  # the explicit backward's forward: the step's fresh end states, scaled in place
-                for s, n, r in zip(new_states, targets, norms):
-                    _top(s).mul_(n / r)
-            if lengths is not None:
-                lengths.append(norms)
+                for s, t, r in zip(new_states, targets, norms):
+                    _top(s).mul_(t / r)
+            if normalized is not None:
+                normalized.append((targets, norms))
         states = new_states
     return torch.stack(outputs, dim=1), states
+
+
+def _restarted(current: list, reset: list, start: torch.Tensor) -> list:
+    """reset in the rows where start [BH] is True, else current (states [BH, 2 in, out] or targets [BH, 1, out])."""
+    return [torch.where(start[:, None, None], r, c) for c, r in zip(current, reset)]
+
+
+def _restarted_backward_(d_current: list, d_reset: list, start: torch.Tensor) -> None:
+    """Backward of `_restarted`, in place: moves the flagged rows' gradients from d_current to d_reset."""
+    flag = start[:, None, None]
+    for d, d_r in zip(d_current, d_reset):
+        d_r.add_(torch.where(flag, d, 0.0))
+        d.masked_fill_(flag, 0.0)
 
 
 def _with_top(stacked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -294,62 +335,81 @@ def _compiled(step, device_type: str):
 
 
 class _ChunkLoop(torch.autograd.Function):
-    """`_forward_chunks` with the hand-derived backward (module docstring); both steps compiled if asked."""
+    """`_forward_chunks` with the hand-derived backward (module docstring); both steps compiled if asked.
+    tensors: the 8 chunked inputs, the L start states and, with `restarts`, the L reset states."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, polyak: bool, normalize: bool, compiled: bool, *tensors):
-        inputs, states = tensors[:8], list(tensors[8:])
+    def forward(ctx, activation: str, retrieve: str, polyak: bool, normalize: bool, compiled: bool,
+                restarts: _Restarts | None, *tensors):
+        depth = (len(tensors) - 8) // (1 if restarts is None else 2)
+        inputs, states, reset_states = tensors[:8], list(tensors[8 : 8 + depth]), list(tensors[8 + depth :])
         saved: list[_Intermediates] = []
-        lengths: list[list[torch.Tensor]] = []
+        normalized: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         step = _compiled(_chunk_forward, inputs[0].device.type) if compiled else None
         y, end_states = _forward_chunks(
-            ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, lengths
+            ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, normalized, restarts,
+            reset_states,
         )
         ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
-        ctx.polyak, ctx.normalize, ctx.lengths = polyak, normalize, lengths
+        ctx.polyak, ctx.normalize, ctx.normalized = polyak, normalize, normalized
+        ctx.restarts, ctx.depth = restarts, depth
         ctx.end_weights = [_top(s).clone() for s in end_states] if normalize else None
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*tensors)
         return (y, *end_states)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *d_end_states):
-        act, retrieve, saved = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates
-        inputs = ctx.saved_tensors
+        act, retrieve, saved, restarts = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates, ctx.restarts
+        tensors = ctx.saved_tensors
+        inputs, initial, reset_states = tensors[:8], tensors[8 : 8 + ctx.depth], tensors[8 + ctx.depth :]
         step = _compiled(_chunk_backward, inputs[0].device.type) if ctx.compiled else _chunk_backward
         d_states = [torch.zeros_like(s) if d is None else d for s, d in zip(saved[-1].states, d_end_states)]
         dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
+        d_resets = [torch.zeros_like(r) for r in reset_states]
         grads = [[] for _ in inputs]
-        if ctx.normalize:
-            targets = [column_norms(_top(st)) for st in saved[0].states]
-            d_targets = [torch.zeros_like(t) for t in targets]
+        if ctx.normalize:  # d_targets: the gradient of the targets in force (the call's start, then the resets')
+            d_targets = [torch.zeros_like(t) for t in ctx.normalized[-1][0]]
+            d_reset_targets = [torch.zeros_like(t) for t in d_targets] if reset_states else []
             d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
         for n in range(len(saved) - 1, -1, -1):
             if ctx.normalize:
+                # Chunk n's normalised end is chunk n + 1's start, except in rows that restart there: their d_states
+                # are zero (`_restarted_backward_`), so whatever stands in for the end there contributes nothing.
                 ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
-                for d, w, t, r, d_t in zip(d_states, ends, targets, ctx.lengths[n], d_targets):
-                    _renormalized_backward_(_top(d), w, t, r, d_t)
+                targets, lengths = ctx.normalized[n]
+                for d, w, t, r, d_t in zip(d_states, ends, targets, lengths, d_targets):
+                    d_t.add_(_renormalized_backward_(_top(d), w, t, r))
             chunk = [t[:, n] for t in inputs]
             chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
-        if ctx.normalize:  # the targets are the start weights' column norms
-            for d, st, t, d_t in zip(d_states, saved[0].states, targets, d_targets):
-                _top(d).addcmul_(_top(st), d_t / t.clamp_min(WEIGHT_NORM_EPS))
-        ctx.intermediates = ctx.lengths = ctx.end_weights = None
-        return (None, None, None, None, None, *(torch.stack(g[::-1], dim=1) for g in grads), *d_states)
+            if restarts is not None and n in restarts.chunks:  # d_states are the step's own, d_targets ours
+                _restarted_backward_(d_states, d_resets, restarts.starts[:, n])
+                if ctx.normalize:
+                    _restarted_backward_(d_targets, d_reset_targets, restarts.starts[:, n])
+        if ctx.normalize:  # the targets are column norms of the start and reset weights
+            for d, st, d_t in zip(d_states + d_resets, initial + reset_states, d_targets + d_reset_targets):
+                _column_norms_backward_(_top(d), _top(st), d_t)
+        ctx.intermediates = ctx.normalized = ctx.end_weights = ctx.restarts = None
+        return (None,) * 6 + (*(torch.stack(g[::-1], dim=1) for g in grads), *d_states, *d_resets)
 
 
 def _renormalized_backward_(
-    d_weight: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor, d_target
-) -> None:
+    d_weight: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
     """Backward of W' = W target / r (r = |W| per column, clamped), in place: turns dW' [BH, in, out] into dW and
-    adds the target's gradient to d_target [BH, 1, out]. With u = W' / target = W / r:
+    returns the target's gradient [BH, 1, out]. With u = W' / target = W / r:
     dW = (target / r) (dW' - u (u . dW')), d target = u . dW'."""
     safe = target.clamp_min(WEIGHT_NORM_EPS)
     along = torch.linalg.vecdot(normalized, d_weight, dim=-2).unsqueeze(-2) / safe
-    d_target.add_(along)
     d_weight.addcmul_(normalized, along / safe, value=-1).mul_(target / length)
+    return along
+
+
+def _column_norms_backward_(d_weight: torch.Tensor, weight: torch.Tensor, d_norms: torch.Tensor) -> None:
+    """Adds the gradient through `column_norms`(weight) [BH, 1, out] to d_weight, in place."""
+    d_weight.addcmul_(weight, d_norms / column_norms(weight).clamp_min(WEIGHT_NORM_EPS))
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from .state import (
     GATE_EPS,
     MemoryState,
+    check_resets,
     check_scan_args,
     memory_mlp,
     column_norms,
@@ -30,6 +31,8 @@ def memory_scan_reference(
     polyak_step: bool = False,
     momentum_ema: bool = False,
     normalize_weights: bool = False,
+    resets: torch.Tensor | None = None,
+    reset_state: MemoryState | None = None,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Same contract as `memory_scan`, one token at a time.
 
@@ -38,8 +41,11 @@ def memory_scan_reference(
     `momentum_ema`: theta_t -> theta_t (1 - eta_t); `polyak_step`: theta_t -> theta_t * `polyak_scale` of token t's
     loss and gradient at W_{t'} (both differentiated through); `normalize_weights`: after a chunk's last token
     (and the call's), W_l -> `renormalized` to the column norms of the call's first W_l.
+    `resets` [B, T] bool: before each token where it is True the state becomes `reset_state` (and the
+    normalisation targets its column norms) and the row's chunk grid restarts at that token.
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
+    check_resets(resets, reset_state, state, q)
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, theta = (t.to(dtype) for t in (q, k, v, theta))
     eta = eta.to(dtype).clamp(GATE_EPS, 1.0)
@@ -48,12 +54,26 @@ def memory_scan_reference(
     weights = [w.to(dtype) for w in state.weights]
     momentum = [s.to(dtype) for s in state.momentum]
     targets = [column_norms(w) for w in weights]
+    offset: int | torch.Tensor = 0  # the first token of each row's chunk grid (per row [B] with resets)
+    if resets is not None:
+        reset_weights = [w.to(dtype) for w in reset_state.weights]
+        reset_momentum = [s.to(dtype) for s in reset_state.momentum]
+        reset_targets = [column_norms(w) for w in reset_weights]
+        offset = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    chunk_start = weights
     outputs = []
     with torch.enable_grad():
         for t in range(q.shape[2]):
-            if t % chunk_size == 0:
-                chunk_start = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
-                weights = chunk_start
+            if resets is not None:
+                reset = resets[:, t]
+                weights, momentum, targets = (
+                    _select(reset, new, old)
+                    for new, old in ((reset_weights, weights), (reset_momentum, momentum), (reset_targets, targets))
+                )
+                offset = torch.where(reset, t, offset)
+            starts_chunk = (t - offset) % chunk_size == 0
+            chunk_start = [_leaf(w) for w in _select(starts_chunk, weights, chunk_start)]
+            weights = _select(starts_chunk, chunk_start, weights)
             if retrieve == "chunk":
                 outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(chunk_start), activation))
             elif retrieve == "exclusive":
@@ -70,7 +90,21 @@ def memory_scan_reference(
             weights = [forget_keep * w + s for w, s in zip(weights, momentum)]
             if retrieve == "inclusive":
                 outputs.append(memory_mlp(q[:, :, t : t + 1], tuple(weights), activation))
-            if normalize_weights and ((t + 1) % chunk_size == 0 or t == q.shape[2] - 1):
-                weights = [renormalized(w, n) for w, n in zip(weights, targets)]
+            ends_chunk = ((t - offset + 1) % chunk_size == 0) | (t == q.shape[2] - 1)
+            if normalize_weights and ends_chunk is not False:
+                weights = _select(ends_chunk, [renormalized(w, n) for w, n in zip(weights, targets)], weights)
     y = torch.cat(outputs, dim=2) if outputs else q.new_zeros(q.shape[:3] + (v.shape[-1],))
     return y.to(out_dtype), MemoryState(tuple(weights), tuple(momentum))
+
+
+def _leaf(w: torch.Tensor) -> torch.Tensor:
+    """w itself if autograd tracks it, else a detached copy that requires grad (to take inner gradients at)."""
+    return w if w.requires_grad else w.detach().requires_grad_()
+
+
+def _select(mask: bool | torch.Tensor, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """new where mask else old: a Python bool picks a whole list (without resets every row agrees), a [B] mask
+    picks per batch row of the [B, ...] tensors."""
+    if isinstance(mask, bool):
+        return new if mask else old
+    return [torch.where(mask.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old)]

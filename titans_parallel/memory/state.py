@@ -149,3 +149,17 @@ def check_scan_args(q, k, v, theta, eta, alpha, state: MemoryState, chunk_size: 
         width = w.shape[3]
     if width != v.shape[-1]:
         raise ValueError(f"the memory maps to width {width} but v has width {v.shape[-1]}")
+
+
+def check_resets(resets: torch.Tensor | None, reset_state: MemoryState | None, state: MemoryState, q: torch.Tensor):
+    """Validate document resets: a [B, T] bool mask and a reset state shaped like `state`; raises ValueError."""
+    if resets is None:
+        return
+    if resets.dtype != torch.bool or resets.shape != q.shape[:1] + q.shape[2:3]:
+        raise ValueError(f"resets must be a [B, T] = {(q.shape[0], q.shape[2])} bool mask; got {resets.dtype} "
+                         f"{tuple(resets.shape)}")
+    if reset_state is None:
+        raise ValueError("resets need a reset_state (in the model: W_0 over the batch with zero momentum)")
+    shapes = [t.shape for t in state.weights + state.momentum]
+    if [t.shape for t in reset_state.weights + reset_state.momentum] != shapes:
+        raise ValueError(f"reset_state must be shaped like state: {[tuple(s) for s in shapes]}")
