@@ -114,6 +114,20 @@ def test_mal_attention_reads_the_tokens_not_only_the_memory():
     assert (logits[0] - logits[1]).abs().max() > 1e-6
 
 
+def test_mal_output_keeps_the_memory_layers_residual():
+    """MAL is a memory layer then an attention layer, each with its residual: out = y + SWA(x + y). With attention's
+    output zeroed the mixer's output is the memory's, not zero."""
+    model = make_model("mal", n_layers=1)
+    mixer = model.layers[0].mixer
+    with torch.no_grad():
+        mixer.attn.wo.weight.zero_()
+    x = torch.randn(1, 6, model.config.dim, dtype=torch.float64)
+    out, _ = mixer(x, None)
+    _, y, _ = mixer.memory.forward_prefixed(mixer.persistent.memory_prefix(None), x)
+    torch.testing.assert_close(out, y)
+    assert y.abs().max() > 1e-6
+
+
 def test_mac_memory_learns_from_the_tokens_not_only_from_attention():
     """MAC's memory writes the residual stream after attention (segment + y): with attention's output zeroed
     (y = 0) the memory's state at the end still depends on which tokens it read."""

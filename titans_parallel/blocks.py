@@ -169,9 +169,10 @@ class MAGMixer(nn.Module):
 
 
 class MALMixer(nn.Module):
-    """Memory as a layer: y = LMM(P || x), o = SWA(x + y) with the memory's outputs at P as the attention prefix.
-    Attention reads the residual stream after the memory layer, as two stacked layers would: reading y alone
-    (which starts at the residual-branch scale) it learned passkey recall to 0.47, with x + y to 0.88 (docs/memory.md)."""
+    """Memory as a layer: y = LMM(P || x), o = y + SWA(x + y) with the memory's outputs at P as the attention prefix:
+    a memory layer and an attention layer, each with its residual, as one mixer (x + o is what the two stacked
+    layers give). Attention reading y alone (which starts at the residual-branch scale) learned passkey recall to
+    0.47; x + y without the memory's residual y learned it to 0.88 and MQAR only late (docs/memory.md)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -187,7 +188,7 @@ class MALMixer(nn.Module):
         )
         prefix = prefix if persistent_out is None else persistent_out
         out, attn_cache = self.attn(x + y, prefix=prefix, cache=attn_cache)
-        return out, MALCache(memory_cache, attn_cache, prefix)
+        return y + out, MALCache(memory_cache, attn_cache, prefix)
 
 
 @dataclass
