@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import (
-    column_parallel_input,
+    SINGLE_RANK,
+    ParallelDims,
+    apply_to_replicated,
     column_parallel_linear,
     normal_init,
-    reduce_from_tensor_parallel_region,
     row_parallel_linear,
     tensor_parallel_parameter,
     tensor_parallel_share,
@@ -91,33 +92,35 @@ class NeuralMemory(nn.Module):
         init_std: float = 0.02,
         out_std: float = 0.02,
         full_sequence: bool = False,
+        parallel: ParallelDims = SINGLE_RANK,
     ):
         super().__init__()
-        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads"), head_dim
+        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim
         self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
         self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
-        self.full_sequence = full_sequence
         self.polyak_step, self.momentum_ema, self.normalize_weights = polyak_step, momentum_ema, normalize_weights
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
         column = functools.partial(
-            column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
+            column_parallel_linear, parallel=parallel, init_method=normal_init(init_std), full_sequence=full_sequence
         )
+        per_head = functools.partial(tensor_parallel_parameter, partition_dim=0, parallel=parallel)
         self.in_proj = column(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
         self.gate_proj = column(dim, n_heads * 3)  # per head: theta, eta, alpha
         with torch.no_grad():
             bias = self.gate_proj.bias.view(self.n_heads, 3)
             bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
-        self.conv_weight = tensor_parallel_parameter(
-            (n_heads, 3, head_dim, conv_kernel), 0, init_method=normal_init(1 / math.sqrt(conv_kernel))
+        self.conv_weight = per_head(
+            (n_heads, 3, head_dim, conv_kernel), init_method=normal_init(1 / math.sqrt(conv_kernel))
         )
         widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
         self.initial_weights = nn.ParameterList(
-            tensor_parallel_parameter((n_heads, fan_in, fan_out), 0, init_method=normal_init(1 / math.sqrt(fan_in)))
+            per_head((n_heads, fan_in, fan_out), init_method=normal_init(1 / math.sqrt(fan_in)))
             for fan_in, fan_out in zip(widths[:-1], widths[1:])
         )
-        self.out_norm_weight = tensor_parallel_parameter((n_heads, head_dim), 0, init_method=nn.init.ones_)
+        self.out_norm_weight = per_head((n_heads, head_dim), init_method=nn.init.ones_)
         self.out_proj = row_parallel_linear(
-            n_heads * head_dim, dim, bias=False, init_method=normal_init(out_std), full_sequence=full_sequence
+            n_heads * head_dim, dim, bias=False, parallel=parallel, init_method=normal_init(out_std),
+            full_sequence=full_sequence,
         )
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
@@ -154,16 +157,17 @@ class NeuralMemory(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval without update (MAC's h = M(q)): queries from x [B, T, dim] through the memory at fixed
         `weights` (W_l [B, H, in, out]). conv_tail [B, K-1, H, 1, d] continues the query conv of an earlier call.
-        Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`."""
+        Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`. The keys and values of
+        in_proj are computed too and not used: the projection is one call of the layer."""
         H, d = self.n_heads, self.head_dim
-        x = column_parallel_input(x, sequence_sharded=not self.full_sequence)  # only the q and gate projections
-        B, T, _ = x.shape
-        proj = F.linear(x, self.in_proj.weight.view(H, 4, d, -1)[:, [0, 3]].flatten(0, 2)).view(B, T, H, 2, d)
+        proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
+        B, T, _ = proj.shape
+        proj = proj.view(B, T, H, 4, d)
         tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
         q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
         q = F.normalize(q[:, :, 0], dim=-1)
         y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
-        return self.out_proj(self._gated(y, proj[:, :, :, 1])), tail
+        return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
 
     def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
         """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
@@ -183,11 +187,10 @@ class NeuralMemory(nn.Module):
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
         B, T = proj.shape[:2]
-        if n:  # projected by hand: the prefix is not a sequence shard
-            prefix = column_parallel_input(prefix.to(x.dtype))
-            prefix_gates = F.linear(prefix, self.gate_proj.weight, self.gate_proj.bias)
-            proj = torch.cat([F.linear(prefix, self.in_proj.weight).expand(B, -1, -1), proj], dim=1)
-            gates = torch.cat([prefix_gates.expand(B, -1, -1), gates], dim=1)
+        if n:  # the prefix is not a sequence shard
+            prefix = prefix.to(x.dtype)
+            proj = torch.cat([apply_to_replicated(self.in_proj, prefix).expand(B, -1, -1), proj], dim=1)
+            gates = torch.cat([apply_to_replicated(self.gate_proj, prefix).expand(B, -1, -1), gates], dim=1)
         H, d, T = self.n_heads, self.head_dim, n + T
         cache = cache if cache is not None else self.initial_cache(B)
         proj = proj.view(B, T, H, 4, d)
@@ -214,9 +217,7 @@ class NeuralMemory(nn.Module):
 
         gated = self._gated(y, proj[:, :, :, 3])
         out = self.out_proj(gated[:, n:])
-        prefix_out = None
-        if n:  # row-parallel by hand: summed over TP, not reduce-scattered along T
-            prefix_out = reduce_from_tensor_parallel_region(F.linear(gated[:, :n], self.out_proj.weight))
+        prefix_out = apply_to_replicated(self.out_proj, gated[:, :n]) if n else None  # never reduce-scattered
         return prefix_out, out, NeuralMemoryCache(memory, pending, tail)
 
     def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
