@@ -100,18 +100,19 @@ def _memory(config: ModelConfig, parallel: ParallelDims, full_sequence: bool = F
 
 
 class PersistentTokens(nn.Module):
-    """N_p learned tokens [Np, dim], N(0, init_std), replicated over TP."""
+    """N_p learned tokens [Np, dim], N(0, init_std), replicated over TP. Calling the module gives them (None when
+    N_p = 0), so each use is a module call that module hooks (ZeRO-3's parameter gathering) see."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(config.n_persistent, config.dim) * config.init_std)
 
-    def prefix(self) -> torch.Tensor | None:
+    def forward(self) -> torch.Tensor | None:
         return self.tokens if self.tokens.shape[0] else None
 
     def memory_prefix(self, memory_cache: NeuralMemoryCache | None) -> torch.Tensor | None:
         """What the memory reads before x: P at the start of a sequence (no memory cache yet), else nothing."""
-        return self.prefix() if memory_cache is None else None
+        return self() if memory_cache is None else None
 
 
 class AttentionMixer(nn.Module):
@@ -123,7 +124,7 @@ class AttentionMixer(nn.Module):
         self.persistent = PersistentTokens(config) if kind == "swa" else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None):
-        prefix = self.persistent.prefix() if self.persistent is not None else None
+        prefix = self.persistent() if self.persistent is not None else None
         return self.attn(x, prefix=prefix, cache=cache)
 
 
@@ -171,7 +172,7 @@ class MAGMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: MAGCache | None):
         memory_cache, attn_cache = (cache.memory, cache.attn) if cache is not None else (None, None)
-        y, attn_cache = self.attn(x, prefix=self.persistent.prefix(), cache=attn_cache)
+        y, attn_cache = self.attn(x, prefix=self.persistent(), cache=attn_cache)
         _, m, memory_cache = self.memory.forward_prefixed(self.persistent.memory_prefix(memory_cache), x, memory_cache)
         return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), MAGCache(memory_cache, attn_cache)
 
@@ -250,7 +251,7 @@ class MACMixer(nn.Module):
             segment = x[:, start : start + n]
             h, read_tail = self.memory.read(segment, read_weights, read_tail)
             y, attn_cache = self.attn(
-                segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=self.context_norm(h)
+                segment, prefix=self.persistent(), cache=attn_cache, companion=self.context_norm(h)
             )
             m, memory_cache = self.memory(segment + y, memory_cache)
             outputs.append(y * torch.sigmoid(self.gate_norm(m)))

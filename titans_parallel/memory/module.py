@@ -37,6 +37,16 @@ ETA_BIAS_INIT = math.log(0.9 / 0.1)
 ALPHA_BIAS_INIT = math.log(0.01 / 0.99)
 
 
+class InitialWeights(nn.ParameterList):
+    """W_0 of every memory layer, [H, in_l, out_l] each. Calling the module returns them as a tuple, so each use
+    is a module call that module hooks (ZeRO-3's parameter gathering) see."""
+
+    __call__ = nn.Module.__call__  # nn.ParameterList refuses to be called
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self)
+
+
 @dataclass
 class NeuralMemoryCache:
     """Streaming state of one `NeuralMemory` layer.
@@ -69,6 +79,8 @@ class NeuralMemory(nn.Module):
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
     the sequence itself).
+    Every entry point (`forward`, `forward_prefixed`, `read`) runs as a call of the module, and each submodule's
+    parameters are only used by calling it, so module hooks (ZeRO-3's parameter gathering) see every use.
     """
 
     def __init__(
@@ -113,7 +125,7 @@ class NeuralMemory(nn.Module):
             (n_heads, 3, head_dim, conv_kernel), init_method=normal_init(1 / math.sqrt(conv_kernel))
         )
         widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
-        self.initial_weights = nn.ParameterList(
+        self.initial_weights = InitialWeights(
             per_head((n_heads, fan_in, fan_out), init_method=normal_init(1 / math.sqrt(fan_in)))
             for fan_in, fan_out in zip(widths[:-1], widths[1:])
         )
@@ -125,9 +137,10 @@ class NeuralMemory(nn.Module):
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
         """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
-        dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)  # fp32 state; fp64 stays fp64
-        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
-        ref = self.in_proj.weight
+        initial = self.initial_weights()
+        ref = initial[0]
+        dtype = torch.promote_types(ref.dtype, torch.float32)  # fp32 state; fp64 stays fp64
+        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in initial)
         H, d = self.n_heads, self.head_dim
         pending = tuple(ref.new_zeros(batch_size, H, 0, d) for _ in range(2)) + tuple(
             ref.new_zeros(batch_size, H, 0) for _ in range(3)
@@ -152,6 +165,11 @@ class NeuralMemory(nn.Module):
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].to(y.dtype)
         return (y.to(gate.dtype).transpose(1, 2) * F.silu(gate)).flatten(2)
 
+    def forward(self, *args, entry: str = "update"):
+        """The module call; `entry` is what runs inside it: "update" (`memory(x, cache)`, see `_update`),
+        "update_prefixed" (`forward_prefixed`) or "read" (`read`)."""
+        return {"update": self._update, "update_prefixed": self._update_prefixed, "read": self._read}[entry](*args)
+
     def read(
         self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,21 +177,7 @@ class NeuralMemory(nn.Module):
         `weights` (W_l [B, H, in, out]). conv_tail [B, K-1, H, 1, d] continues the query conv of an earlier call.
         Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`. The keys and values of
         in_proj are computed too and not used: the projection is one call of the layer."""
-        H, d = self.n_heads, self.head_dim
-        proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
-        B, T, _ = proj.shape
-        proj = proj.view(B, T, H, 4, d)
-        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
-        q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
-        q = F.normalize(q[:, :, 0], dim=-1)
-        y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
-        return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
-
-    def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
-        """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
-        returned cache gives the same outputs as one pass, wherever it is split."""
-        _, out, cache = self.forward_prefixed(None, x, cache)
-        return out, cache
+        return self(x, weights, conv_tail, entry="read")
 
     def forward_prefixed(
         self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None = None
@@ -184,6 +188,32 @@ class NeuralMemory(nn.Module):
         Returns (out at the prefix [B, Np, dim], the same on every TP rank, or None without a prefix; out at x
         [B, T, dim], sharded like x; the cache after the last token).
         """
+        return self(prefix, x, cache, entry="update_prefixed")
+
+    def _read(
+        self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        H, d = self.n_heads, self.head_dim
+        proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
+        B, T, _ = proj.shape
+        proj = proj.view(B, T, H, 4, d)
+        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
+        q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
+        q = F.normalize(q[:, :, 0], dim=-1)
+        y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
+        return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
+
+    def _update(
+        self, x: torch.Tensor, cache: NeuralMemoryCache | None = None
+    ) -> tuple[torch.Tensor, NeuralMemoryCache]:
+        """`memory(x, cache)`: x [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in
+        pieces with the returned cache gives the same outputs as one pass, wherever it is split."""
+        _, out, cache = self._update_prefixed(None, x, cache)
+        return out, cache
+
+    def _update_prefixed(
+        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache]:
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
         B, T = proj.shape[:2]
