@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from timing import interleaved_medians
+from titans_parallel.config import MemoryConfig
 from titans_parallel.memory import NeuralMemory
 
 STABILISED = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)  # the defaults
@@ -49,8 +50,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     runs = {
         label: NeuralMemory(
-            args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk,
-            compile_scan=compiled, **rule,
+            args.dim, args.heads, args.head_dim,
+            MemoryConfig(depth=args.depth, expansion=4, chunk_size=args.chunk, compile_scan=compiled, **rule),
         )
         for label, (compiled, rule) in OURS.items()
     }

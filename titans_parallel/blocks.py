@@ -89,12 +89,8 @@ def _attention(config: ModelConfig, window: int | None, parallel: ParallelDims, 
 
 
 def _memory(config: ModelConfig, parallel: ParallelDims, full_sequence: bool = False) -> NeuralMemory:
-    m = config.memory
     return NeuralMemory(
-        config.dim, config.n_heads, config.head_dim, depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
-        conv_kernel=m.conv_kernel, theta_max=m.theta_max, retrieve=m.retrieve, activation=m.activation,
-        compile_scan=m.compile_scan, norm_eps=config.norm_eps, polyak_step=m.polyak_step, momentum_ema=m.momentum_ema,
-        normalize_weights=m.normalize_weights,
+        config.dim, config.n_heads, config.head_dim, config.memory, norm_eps=config.norm_eps,
         init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence, parallel=parallel,
     )
 

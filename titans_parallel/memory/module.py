@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MemoryConfig
 from ..parallel import (
     SINGLE_RANK,
     ParallelDims,
@@ -62,7 +63,8 @@ class NeuralMemoryCache:
 
 
 class NeuralMemory(nn.Module):
-    """Neural long-term memory over x [B, T, dim] with `n_heads` heads of width `head_dim`.
+    """Neural long-term memory over x [B, T, dim] with `n_heads` heads of width `head_dim`, configured by `config`
+    (a `MemoryConfig`, its defaults when None; its fields are named below without prefix).
 
     q, k, v = SiLU(causal depthwise conv(x W)), l2-normalised q and k; per-token per-head gates
     theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.); output = W_o(RMSNorm(y) * SiLU(x W_g)).
@@ -88,19 +90,9 @@ class NeuralMemory(nn.Module):
         dim: int,
         n_heads: int,
         head_dim: int,
-        depth: int = 2,
-        expansion: int = 4,
-        chunk_size: int = 16,
-        conv_kernel: int = 4,
-        theta_max: float = 0.1,
-        retrieve: str = "inclusive",
-        activation: str = "silu",
-        compile_scan: bool = False,
-        norm_eps: float = 1e-6,
-        polyak_step: bool = True,
-        momentum_ema: bool = True,
-        normalize_weights: bool = True,
+        config: MemoryConfig | None = None,
         *,
+        norm_eps: float = 1e-6,
         init_std: float = 0.02,
         out_std: float = 0.02,
         full_sequence: bool = False,
@@ -108,9 +100,8 @@ class NeuralMemory(nn.Module):
     ):
         super().__init__()
         self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim
-        self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
-        self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
-        self.polyak_step, self.momentum_ema, self.normalize_weights = polyak_step, momentum_ema, normalize_weights
+        self.config = c = config if config is not None else MemoryConfig()
+        self.norm_eps = norm_eps
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
         column = functools.partial(
             column_parallel_linear, parallel=parallel, init_method=normal_init(init_std), full_sequence=full_sequence
@@ -122,9 +113,9 @@ class NeuralMemory(nn.Module):
             bias = self.gate_proj.bias.view(self.n_heads, 3)
             bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
         self.conv_weight = per_head(
-            (n_heads, 3, head_dim, conv_kernel), init_method=normal_init(1 / math.sqrt(conv_kernel))
+            (n_heads, 3, head_dim, c.conv_kernel), init_method=normal_init(1 / math.sqrt(c.conv_kernel))
         )
-        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        widths = [head_dim] + [c.expansion * head_dim] * (c.depth - 1) + [head_dim]
         self.initial_weights = InitialWeights(
             per_head((n_heads, fan_in, fan_out), init_method=normal_init(1 / math.sqrt(fan_in)))
             for fan_in, fan_out in zip(widths[:-1], widths[1:])
@@ -145,7 +136,7 @@ class NeuralMemory(nn.Module):
         pending = tuple(ref.new_zeros(batch_size, H, 0, d) for _ in range(2)) + tuple(
             ref.new_zeros(batch_size, H, 0) for _ in range(3)
         )
-        tail = ref.new_zeros(batch_size, self.conv_kernel - 1, H, 3, d)
+        tail = ref.new_zeros(batch_size, self.config.conv_kernel - 1, H, 3, d)
         return NeuralMemoryCache(MemoryState.from_weights(weights), pending, tail)
 
     def _conv(self, u: torch.Tensor, tail: torch.Tensor, channels: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +144,10 @@ class NeuralMemory(nn.Module):
         `tail` [B, K-1, H, c, d]; returns ([B, H, c, T, d], the new tail)."""
         B, T, H, c, d = u.shape
         full = torch.cat([tail, u], dim=1)
-        weight = self.conv_weight[:, channels].reshape(-1, 1, self.conv_kernel)
+        weight = self.conv_weight[:, channels].reshape(-1, 1, self.config.conv_kernel)
         out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
         out = F.silu(out).view(B, H, c, d, T).transpose(-1, -2)
-        return out, full[:, full.shape[1] - (self.conv_kernel - 1) :]
+        return out, full[:, full.shape[1] - (self.config.conv_kernel - 1) :]
 
     def _gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
@@ -197,10 +188,10 @@ class NeuralMemory(nn.Module):
         proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
         B, T, _ = proj.shape
         proj = proj.view(B, T, H, 4, d)
-        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
+        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.config.conv_kernel - 1, H, 1, d)
         q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
         q = F.normalize(q[:, :, 0], dim=-1)
-        y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
+        y = memory_mlp(q.to(weights[0].dtype), weights, self.config.activation)
         return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
 
     def _update(
@@ -228,7 +219,7 @@ class NeuralMemory(nn.Module):
         q, k, v = qkv.unbind(2)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         theta, eta, alpha = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
-        theta = self.theta_max * theta
+        theta = self.config.theta_max * theta
         if not self.learning:
             theta, alpha = torch.zeros_like(theta), torch.zeros_like(alpha)
 
@@ -237,7 +228,7 @@ class NeuralMemory(nn.Module):
             new = (k, v, theta, eta, alpha)
             k, v, theta, eta, alpha = (torch.cat([old, t], dim=2) for old, t in zip(cache.pending, new))
             q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)
-        boundary = (p + T) // self.chunk_size * self.chunk_size
+        boundary = (p + T) // self.config.chunk_size * self.config.chunk_size
         y, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
         if boundary < p + T:
             y_rest, _ = self._scan(q, k, v, theta, eta, alpha, memory, boundary, p + T)
@@ -253,9 +244,9 @@ class NeuralMemory(nn.Module):
     def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
         if end == start:
             return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state
-        s = slice(start, end)
+        s, c = slice(start, end), self.config
         return memory_scan(
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
-            chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation, compile=self.compile_scan,
-            polyak_step=self.polyak_step, momentum_ema=self.momentum_ema, normalize_weights=self.normalize_weights,
+            chunk_size=c.chunk_size, retrieve=c.retrieve, activation=c.activation, compile=c.compile_scan,
+            polyak_step=c.polyak_step, momentum_ema=c.momentum_ema, normalize_weights=c.normalize_weights,
         )
