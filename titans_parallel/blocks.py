@@ -227,8 +227,8 @@ class MACMixer(nn.Module):
         self.persistent = PersistentTokens(config)
         self.attn = _attention(config, None, parallel, full_sequence=True)
         self.memory = _memory(config, parallel, full_sequence=True)
-        self.context_norm = RMSNorm(config.dim, config.norm_eps, parallel, full_sequence=True)
-        self.gate_norm = RMSNorm(config.dim, config.norm_eps, parallel, full_sequence=True)
+        self.context_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
+        self.gate_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
 
     def forward(self, x: torch.Tensor, cache: MACCache | None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
