@@ -19,6 +19,7 @@ import torch
 from timing import interleaved_medians
 
 from pretrain.denormals import flush_denormals
+from titans_parallel.config import MemoryConfig
 from titans_parallel.memory import NeuralMemory
 
 STABILISED = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)  # the defaults
@@ -52,8 +53,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     runs = {
         label: NeuralMemory(
-            args.dim, args.heads, args.head_dim, depth=args.depth, expansion=4, chunk_size=args.chunk,
-            compile_scan=compiled, **rule,
+            args.dim, args.heads, args.head_dim,
+            MemoryConfig(depth=args.depth, expansion=4, chunk_size=args.chunk, compile_scan=compiled, **rule),
         )
         for label, (compiled, rule) in OURS.items()
     }

@@ -112,21 +112,7 @@ def build_engine(config: JobConfig, model: nn.Module, *, load_universal: bool = 
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            mpu=DeepSpeedMPU())
-    if config.train.zero_stage == 3:
-        _register_mixer_parameters(engine.module)
     return Engine(engine, scheduler, recipe_groups)
-
-
-def _register_mixer_parameters(model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters when that module's forward runs. Mixers also use their submodules'
-    parameters directly (MAC's retrieval reads the memory's projections, persistent tokens and attention prefixes
-    are multiplied by hand), so every mixer's parameters are registered as its own: gathered for its whole forward
-    and backward."""
-    import deepspeed
-
-    for block in model.layers:
-        for param in block.mixer.parameters():
-            deepspeed.zero.register_external_parameter(block.mixer, param)
 
 
 def global_grad_norm(engine) -> float | None:

@@ -144,8 +144,8 @@ def _train(config: JobConfig, dims: ParallelDims, batches: BatchSource | None, r
     """Build, resume, then the loop: a step, its log line, the divergence check, evaluation and checkpoint when
     due, preemption."""
     resume = resume_point(config, resume_from, reset_data_position)
-    model = TitansLM(config.model)
-    register_sequence_parallel_grad_hooks(model)
+    model = TitansLM(config.model, dims)
+    register_sequence_parallel_grad_hooks(model, dims)
     built = build_engine(config, model, load_universal=resume is not None and resume.relayout)
     engine, scheduler = built.engine, built.scheduler
     data = _Data.build(config, dims) if batches is None else _Data(batches)

@@ -43,12 +43,10 @@ def _reference(engine, bf16: bool) -> dict:
     the live (TP-sharded) module, and for bf16 its weights gathered over TP (ZeRO 0-2: each rank holds its shard)."""
     import torch.distributed as dist
 
-    from titans_parallel.parallel import parallel_dims
-
     with torch.no_grad():
         ref = {"logits": engine.module(IDS).float(), "layout": tensor_parallel_layout(engine.module)}
     if bf16:
-        dims, weights = parallel_dims(), {}
+        dims, weights = engine.module.parallel, {}
         for name, p in engine.module.named_parameters(remove_duplicate=False):
             if dims.tp_enabled and getattr(p, "tensor_model_parallel", False):
                 parts = [torch.empty_like(p) for _ in range(dims.tp_size)]
@@ -357,8 +355,8 @@ def _resume_from_universal(rank: int, world_size: int, sections: dict, universal
     config = job(**sections)
     dims = init_parallel(config.parallel.tp, seed=config.train.seed)
     try:
-        model = TitansLM(config.model)
-        register_sequence_parallel_grad_hooks(model)
+        model = TitansLM(config.model, dims)
+        register_sequence_parallel_grad_hooks(model, dims)
         optimizer, scheduler = build_optimizer(model, config)
         ds_config = {**deepspeed_config(config), "checkpoint": {"load_universal": True}}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=DeepSpeedMPU(),

@@ -5,6 +5,7 @@ import torch
 from pretrain.eval.memory_contribution import memory_contribution, memory_learning
 from pretrain.eval.perplexity import position_buckets, position_loss
 from titans_parallel import ModelConfig, TitansLM
+from titans_parallel.config import MemoryConfig
 from titans_parallel.memory import NeuralMemory
 
 F64 = torch.float64
@@ -14,7 +15,7 @@ def test_learning_off_keeps_the_memory_at_its_initial_weights():
     """Off: an output depends on earlier tokens only through the causal conv (kernel 4), so changing token 0
     changes nothing from position 4 on; on: the memory carries it forward."""
     torch.manual_seed(0)
-    memory = NeuralMemory(dim=16, n_heads=2, head_dim=8, chunk_size=4).to(F64)
+    memory = NeuralMemory(16, 2, 8, MemoryConfig(chunk_size=4)).to(F64)
     x = torch.randn(1, 24, 16, dtype=F64)
     x2 = x.clone()
     x2[:, 0] = torch.randn(16, dtype=F64)

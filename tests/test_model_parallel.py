@@ -20,7 +20,13 @@ from parallel_harness import run_ranks
 from test_model import tiny_config
 from test_parallel_layers import _deepspeed_rule_grad_norm, _full, _grad_norm, _rel
 from titans_parallel import TitansLM
-from titans_parallel.parallel import destroy_parallel, init_parallel, register_sequence_parallel_grad_hooks
+from titans_parallel.parallel import (
+    SINGLE_RANK,
+    ParallelDims,
+    destroy_parallel,
+    init_parallel,
+    register_sequence_parallel_grad_hooks,
+)
 
 SEED = 1234
 TP = 2
@@ -50,12 +56,12 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _train_step(case: str, ids: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """Build from SEED, register the SP hooks as the training job does; full logits, then the loss and its backward.
-    Returns (model, logits, loss, names hooked)."""
+def _train_step(case: str, ids: torch.Tensor, labels: torch.Tensor, dims: ParallelDims) -> tuple:
+    """Build from SEED with `dims`, register the SP hooks as the training job does; full logits, then the loss and
+    its backward. Returns (model, logits, loss, names hooked)."""
     torch.manual_seed(SEED)
-    model = TitansLM(_config(case))
-    hooked = register_sequence_parallel_grad_hooks(model)
+    model = TitansLM(_config(case), dims)
+    hooked = register_sequence_parallel_grad_hooks(model, dims)
     with torch.no_grad():
         logits = model(ids)
     loss = model(ids, labels)
@@ -65,7 +71,8 @@ def _train_step(case: str, ids: torch.Tensor, labels: torch.Tensor) -> tuple:
 
 def _full_tensors(model: TitansLM) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (full value, full gradient), shards gathered over TP."""
-    return {name: (_full(p.detach(), p), _full(p.grad, p)) for name, p in model.named_parameters()}
+    dims = model.parallel
+    return {name: (_full(p.detach(), p, dims), _full(p.grad, p, dims)) for name, p in model.named_parameters()}
 
 
 def _errors(ours: dict, ref: dict) -> dict[str, tuple[float, float]]:
@@ -94,7 +101,7 @@ def _suite(rank: int, world_size: int) -> dict:
     ids, labels = _data()
     refs = {}
     for case in CASES:
-        model, logits, loss, _ = _train_step(case, ids, labels)
+        model, logits, loss, _ = _train_step(case, ids, labels, SINGLE_RANK)
         refs[case] = {
             "logits": logits,
             "loss": loss,
@@ -106,9 +113,9 @@ def _suite(rank: int, world_size: int) -> dict:
     results: dict = {}
     tp_only: dict = {}  # case -> (logits, full tensors) without sequence parallel, to compare SP against
     for sp, mode in MODES:
-        init_parallel(TP, sequence_parallel=sp, seed=SEED)
+        dims = init_parallel(TP, sequence_parallel=sp, seed=SEED)
         for case, ref in refs.items():
-            model, logits, loss, hooked = _train_step(case, ids, labels)
+            model, logits, loss, hooked = _train_step(case, ids, labels, dims)
             params = _full_tensors(model)
             replicated = [n for n, p in model.named_parameters() if not getattr(p, "tensor_model_parallel", False)]
             results[case, mode] = {
@@ -128,8 +135,8 @@ def _suite(rank: int, world_size: int) -> dict:
                 tp_only[case] = logits, params
                 results[case, "decode"] = _rel(_decode_in_pieces(model, ids), ref["logits"])
         results["errors", mode] = {
-            "heads": _error_message(TitansLM, _config("mag", n_heads=3, head_dim=8)),
-            "vocab": _error_message(TitansLM, _config("swa", vocab_size=61)),
+            "heads": _error_message(TitansLM, _config("mag", n_heads=3, head_dim=8), dims),
+            "vocab": _error_message(TitansLM, _config("swa", vocab_size=61), dims),
             "odd T": _error_message(model.loss, ids[:, :19], labels[:, :19]),
             "generate": _error_message(model.generate, ids[:, :4], 2),
         }
@@ -209,7 +216,8 @@ def test_errors(tp_results, sp, mode):
 
 
 def test_tp_off_is_plain_torch_without_megatron():
-    """No init_parallel: plain torch modules, loss == lm_loss of the logits, and megatron-core never imported."""
+    """A plain TitansLM(config): plain torch modules, loss == lm_loss of the logits, and megatron-core never
+    imported."""
     code = """
 import sys, torch
 from torch import nn

@@ -28,9 +28,9 @@ def _counts_before_and_after_zero3(rank: int, world_size: int) -> tuple:
     from titans_parallel.parallel import destroy_parallel, init_parallel
 
     config = job(train={"zero_stage": 3})
-    init_parallel(1)
+    dims = init_parallel(1)
     try:
-        model = TitansLM(config.model)
+        model = TitansLM(config.model, dims)
         before = (parameter_counts(model), dense_parameter_count(model))
         optimizer, scheduler = build_optimizer(model, config)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from titans_parallel.config import MemoryConfig
 from titans_parallel.memory import NeuralMemory
 
 F64 = torch.float64
@@ -10,7 +11,7 @@ F64 = torch.float64
 
 def make_memory(chunk_size=4, depth=2, retrieve="inclusive", seed=0):
     torch.manual_seed(seed)
-    return NeuralMemory(dim=24, n_heads=3, head_dim=8, depth=depth, chunk_size=chunk_size, retrieve=retrieve).to(F64)
+    return NeuralMemory(24, 3, 8, MemoryConfig(depth=depth, chunk_size=chunk_size, retrieve=retrieve)).to(F64)
 
 
 @pytest.mark.parametrize("retrieve", ["inclusive", "exclusive"])

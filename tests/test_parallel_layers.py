@@ -19,13 +19,14 @@ from torch import nn
 
 from parallel_harness import RankError, run_ranks
 from titans_parallel.parallel import (
+    SINGLE_RANK,
+    ParallelDims,
     column_parallel_linear,
     destroy_parallel,
     gather_from_sequence_parallel_region,
     init_parallel,
     mark_sequence_parallel,
     normal_init,
-    parallel_dims,
     register_sequence_parallel_grad_hooks,
     row_parallel_linear,
     scatter_to_sequence_parallel_region,
@@ -44,13 +45,13 @@ class Block(nn.Module):
     """x + W_down(silu(W_up rmsnorm(x)) * scale): column -> per-feature TP parameter -> row; the norm (and the
     row bias) live in the sequence-parallel region."""
 
-    def __init__(self) -> None:
+    def __init__(self, dims: ParallelDims) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(D)
-        mark_sequence_parallel(self.norm.weight)
-        self.up = column_parallel_linear(D, HIDDEN, init_method=normal_init(0.5))
-        self.scale = tensor_parallel_parameter((HIDDEN,), 0, init_method=normal_init(1.0))
-        self.down = row_parallel_linear(HIDDEN, D, init_method=normal_init(0.5))
+        mark_sequence_parallel(self.norm.weight, dims)
+        self.up = column_parallel_linear(D, HIDDEN, parallel=dims, init_method=normal_init(0.5))
+        self.scale = tensor_parallel_parameter((HIDDEN,), 0, parallel=dims, init_method=normal_init(1.0))
+        self.down = row_parallel_linear(HIDDEN, D, parallel=dims, init_method=normal_init(0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.down(F.silu(self.up(self.norm(x))) * self.scale)
@@ -59,13 +60,14 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Vocab-parallel embedding -> column-parallel head -> vocab-parallel cross-entropy (per token)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dims: ParallelDims) -> None:
         super().__init__()
-        self.embed = vocab_parallel_embedding(VOCAB, D)
-        self.head = column_parallel_linear(D, VOCAB, bias=False)
+        self.dims = dims
+        self.embed = vocab_parallel_embedding(VOCAB, D, parallel=dims)
+        self.head = column_parallel_linear(D, VOCAB, bias=False, parallel=dims)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(self.head(self.embed(ids)), labels)
+        return vocab_parallel_cross_entropy(self.head(self.embed(ids)), labels, self.dims)
 
 
 def _data() -> tuple[torch.Tensor, ...]:
@@ -75,34 +77,34 @@ def _data() -> tuple[torch.Tensor, ...]:
     return x, w, ids, labels
 
 
-def _run_block(x: torch.Tensor, w: torch.Tensor, hooks: bool = False) -> tuple[Block, torch.Tensor]:
+def _run_block(x: torch.Tensor, w: torch.Tensor, dims: ParallelDims, hooks: bool = False) -> tuple[Block, torch.Tensor]:
     """Build from SEED, forward the full batch (scattered to the sequence shard under SP), backward sum(out * w)."""
     torch.manual_seed(SEED)
-    block = Block()
+    block = Block(dims)
     if hooks:
-        assert register_sequence_parallel_grad_hooks(block) == ["norm.weight", "down.bias"]
-        assert register_sequence_parallel_grad_hooks(block) == []
+        assert register_sequence_parallel_grad_hooks(block, dims) == ["norm.weight", "down.bias"]
+        assert register_sequence_parallel_grad_hooks(block, dims) == []
     out = gather_from_sequence_parallel_region(
-        block(scatter_to_sequence_parallel_region(x)), tensor_parallel_output_grad=False
+        block(scatter_to_sequence_parallel_region(x, dims)), dims, tensor_parallel_output_grad=False
     )
     (out * w).sum().backward()
     return block, out.detach()
 
 
-def _run_lm(ids: torch.Tensor, labels: torch.Tensor) -> tuple[TinyLM, torch.Tensor]:
+def _run_lm(ids: torch.Tensor, labels: torch.Tensor, dims: ParallelDims) -> tuple[TinyLM, torch.Tensor]:
     torch.manual_seed(SEED)
-    lm = TinyLM()
+    lm = TinyLM(dims)
     loss = lm(ids, labels)
     loss.mean().backward()
     return lm, loss.detach()
 
 
-def _full(t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+def _full(t: torch.Tensor, param: nn.Parameter, dims: ParallelDims) -> torch.Tensor:
     """The TP=1 tensor of a shard (value or gradient): all-gather over TP along the parameter's partition_dim."""
     if not getattr(param, "tensor_model_parallel", False):
         return t
-    parts = [torch.empty_like(t) for _ in range(parallel_dims().tp_size)]
-    dist.all_gather(parts, t.contiguous(), group=parallel_dims().tp_group)
+    parts = [torch.empty_like(t) for _ in range(dims.tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
     return torch.cat(parts, dim=param.partition_dim)
 
 
@@ -110,11 +112,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _param_errors(model: nn.Module, ref: nn.Module) -> dict[str, tuple[float, float]]:
+def _param_errors(model: nn.Module, ref: nn.Module, dims: ParallelDims) -> dict[str, tuple[float, float]]:
     """name -> (value error, gradient error) against the TP=1 reference."""
     refs = dict(ref.named_parameters())
     return {
-        name: (_rel(_full(p.detach(), p), refs[name].detach()), _rel(_full(p.grad, p), refs[name].grad))
+        name: (_rel(_full(p.detach(), p, dims), refs[name].detach()), _rel(_full(p.grad, p, dims), refs[name].grad))
         for name, p in model.named_parameters()
     }
 
@@ -141,7 +143,7 @@ def _deepspeed_rule_grad_norm(model: nn.Module) -> float:
     return squared.sqrt().item()
 
 
-def _tracker_draws() -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _tracker_draws(dims: ParallelDims) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(draw inside megatron's model-parallel RNG fork, megatron's seed for it on this TP rank, whether the default
     generator came back unchanged)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -149,14 +151,14 @@ def _tracker_draws() -> tuple[torch.Tensor, torch.Tensor, bool]:
     default = torch.get_rng_state()
     with get_cuda_rng_tracker().fork():
         draw = torch.rand(4)
-    expected = torch.rand(4, generator=torch.Generator().manual_seed(SEED + 2718 + parallel_dims().tp_rank))
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(SEED + 2718 + dims.tp_rank))
     return draw, expected, torch.equal(default, torch.get_rng_state())
 
 
 def _tp_suite(rank: int, world_size: int) -> dict:
     x, w, ids, labels = _data()
-    ref_block, ref_out = _run_block(x, w)
-    ref_lm, ref_loss = _run_lm(ids, labels)
+    ref_block, ref_out = _run_block(x, w, SINGLE_RANK)
+    ref_lm, ref_loss = _run_lm(ids, labels, SINGLE_RANK)
     ref_norm = _grad_norm([p.grad for p in ref_block.parameters()])
 
     results: dict = {}
@@ -164,19 +166,18 @@ def _tp_suite(rank: int, world_size: int) -> dict:
         init_parallel(3)
     except ValueError as e:
         results["tp3_error"] = str(e)
-    init_parallel(TP, seed=SEED)
-    results["rng"] = _tracker_draws()
+    results["rng"] = _tracker_draws(init_parallel(TP, seed=SEED))
     destroy_parallel()
     for sp, hooks in [(False, False), (True, False), (True, True)]:
         dims = init_parallel(TP, sequence_parallel=sp, seed=SEED)
-        block, out = _run_block(x, w, hooks)
-        results["block", sp, hooks] = {"output": _rel(out, ref_out), "params": _param_errors(block, ref_block)}
+        block, out = _run_block(x, w, dims, hooks)
+        results["block", sp, hooks] = {"output": _rel(out, ref_out), "params": _param_errors(block, ref_block, dims)}
         if hooks:
             marked = _deepspeed_rule_grad_norm(block)
             del block.scale.tensor_model_parallel
             results["grad_norm"] = {"single": ref_norm, "marked": marked, "unmarked": _deepspeed_rule_grad_norm(block)}
-        lm, loss = _run_lm(ids, labels)
-        results["lm", sp] = {"loss": _rel(loss, ref_loss), "params": _param_errors(lm, ref_lm)}
+        lm, loss = _run_lm(ids, labels, dims)
+        results["lm", sp] = {"loss": _rel(loss, ref_loss), "params": _param_errors(lm, ref_lm, dims)}
         results["dims", sp] = (dims.tp_size, dims.tp_rank, dims.dp_size, dims.dp_rank, dims.sequence_parallel)
         results["keys", sp] = [list(m.state_dict()) for m in (block, lm, ref_block, ref_lm)]
         destroy_parallel()
@@ -257,15 +258,18 @@ def test_world_size_not_divisible_by_tp(tp_results, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="world size 4 is not divisible by tensor-parallel size 3"):
         init_parallel(3)
-    assert not dist.is_initialized() and parallel_dims().tp_size == 1
+    from megatron.core import parallel_state
+
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
 
 
 def test_single_process_factories_are_plain_torch():
-    assert type(column_parallel_linear(4, 6)) is nn.Linear
-    assert type(row_parallel_linear(6, 4)) is nn.Linear
-    assert type(vocab_parallel_embedding(10, 4)) is nn.Embedding
+    assert type(column_parallel_linear(4, 6, parallel=SINGLE_RANK)) is nn.Linear
+    assert type(row_parallel_linear(6, 4, parallel=SINGLE_RANK)) is nn.Linear
+    assert type(vocab_parallel_embedding(10, 4, parallel=SINGLE_RANK)) is nn.Embedding
     x = torch.randn(2, 3, 4)
-    assert scatter_to_sequence_parallel_region(x) is x and gather_from_sequence_parallel_region(x) is x
+    assert scatter_to_sequence_parallel_region(x, SINGLE_RANK) is x
+    assert gather_from_sequence_parallel_region(x, SINGLE_RANK) is x
 
 
 def _sum_ranks(rank: int, world_size: int) -> int:
@@ -318,7 +322,7 @@ def _deepspeed_suite(rank: int, world_size: int, hooks: bool) -> dict:
     dp_size, lr, accumulation = world_size // TP, 0.1, 2
     batches = [[(x * (1 + d + m), w.roll(d + m, dims=1)) for m in range(accumulation)] for d in range(dp_size)]
     torch.manual_seed(SEED)
-    ref = Block()
+    ref = Block(SINGLE_RANK)
     for xm, wm in sum(batches, []):
         ((ref(xm) * wm).sum() / (accumulation * dp_size)).backward()
     ref_norm = _grad_norm([p.grad for p in ref.parameters()])
@@ -328,9 +332,9 @@ def _deepspeed_suite(rank: int, world_size: int, hooks: bool) -> dict:
     results = {"single": ref_norm}
     for stage in (0, 1, 2, 3):
         torch.manual_seed(SEED)
-        block = Block()
+        block = Block(dims)
         if hooks:
-            register_sequence_parallel_grad_hooks(block)
+            register_sequence_parallel_grad_hooks(block, dims)
         engine, *_ = deepspeed.initialize(
             model=block,
             optimizer=torch.optim.SGD(block.parameters(), lr=lr),
@@ -345,13 +349,13 @@ def _deepspeed_suite(rank: int, world_size: int, hooks: bool) -> dict:
         )
         for xm, wm in batches[dims.dp_rank]:
             out = gather_from_sequence_parallel_region(
-                engine(scatter_to_sequence_parallel_region(xm)), tensor_parallel_output_grad=False
+                engine(scatter_to_sequence_parallel_region(xm, dims)), dims, tensor_parallel_output_grad=False
             )
             engine.backward((out * wm).sum())
             engine.step()
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
-            after = {name: _rel(_full(p.detach(), p), ref_after[name]) for name, p in params}
+            after = {name: _rel(_full(p.detach(), p, dims), ref_after[name]) for name, p in params}
         results[stage] = {"norm": engine.get_global_grad_norm(), "params": after}
     destroy_parallel()
     return results

@@ -96,18 +96,19 @@ def _global_batch(step: int, rows: int, config: JobConfig) -> torch.Tensor:
 def _run_job(rank: int, world_size: int, sections: dict) -> dict:
     """Train on exact global batches: step s's global batch is split by (dp_rank, micro) in row blocks.
     sections must name checkpoint.dir (a run resumes from a `latest` there, and writes one at its end)."""
+    from megatron.core import parallel_state
+
     from pretrain.train import train
-    from titans_parallel.parallel import parallel_dims
 
     if "dir" not in sections.get("checkpoint", {}):
         raise ValueError("give checkpoint.dir: a fresh folder per run")
     config = job(**sections)
     mb, ga = config.train.micro_batch_size, config.train.grad_accum
 
-    def batches(step: int, micro: int) -> torch.Tensor:
-        dims = parallel_dims()
-        rows = _global_batch(step, mb * ga * dims.dp_size, config)
-        start = (dims.dp_rank * ga + micro) * mb
+    def batches(step: int, micro: int) -> torch.Tensor:  # called inside train(), once its groups exist
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        rows = _global_batch(step, mb * ga * dp_size, config)
+        start = (dp_rank * ga + micro) * mb
         return rows[start : start + mb]
 
     result = train(config, batches)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from titans_parallel.parallel import (
-    column_parallel_input,
+    SINGLE_RANK,
+    ParallelDims,
+    apply_to_replicated,
     column_parallel_linear,
     normal_init,
     row_parallel_linear,
@@ -339,22 +341,23 @@ class Attention(nn.Module):
         init_std: float = 0.02,
         out_std: float = 0.02,
         full_sequence: bool = False,
+        parallel: ParallelDims = SINGLE_RANK,
     ):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None, got {window}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        self.n_heads, self.head_dim, self.window = tensor_parallel_share(n_heads, "n_heads"), head_dim, window
+        self.n_heads, self.head_dim, self.window = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim, window
         self.rope_base, self.backend = rope_base, backend
         inner = n_heads * head_dim
         column = functools.partial(
-            column_parallel_linear, dim, inner, bias=False, init_method=normal_init(init_std),
+            column_parallel_linear, dim, inner, bias=False, parallel=parallel, init_method=normal_init(init_std),
             full_sequence=full_sequence,
         )
         self.wq, self.wk, self.wv = column(), column(), column()
         self.wo = row_parallel_linear(
-            inner, dim, bias=False, init_method=normal_init(out_std), full_sequence=full_sequence
+            inner, dim, bias=False, parallel=parallel, init_method=normal_init(out_std), full_sequence=full_sequence
         )
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -401,10 +404,10 @@ class Attention(nn.Module):
         k, v, ck, cv = kv
 
         prefix_k = prefix_v = None
-        if prefix is not None:  # not a sequence shard: projected by hand, never gathered along T
-            prefix = column_parallel_input(prefix if prefix.dim() == 3 else prefix[None])
-            prefix_k = self._heads(F.linear(prefix, self.wk.weight)).expand(batch, -1, -1, -1)
-            prefix_v = self._heads(F.linear(prefix, self.wv.weight)).expand(batch, -1, -1, -1)
+        if prefix is not None:  # not a sequence shard: never gathered along T
+            prefix = prefix if prefix.dim() == 3 else prefix[None]
+            prefix_k = self._heads(apply_to_replicated(self.wk, prefix)).expand(batch, -1, -1, -1)
+            prefix_v = self._heads(apply_to_replicated(self.wv, prefix)).expand(batch, -1, -1, -1)
 
         y = sliding_window_attention(
             q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv

@@ -5,13 +5,14 @@ feeding a sequence in pieces with the returned cache equals one pass (the basis 
 Persistent memory: `n_persistent` learned tokens P [Np, dim] per layer, an always-visible attention prefix, and
 the first tokens the memory reads (x~ = P || x).
 
-Tensor / sequence parallel (chosen when the model is built, see `titans_parallel.parallel`): every projection is a
-column- or row-parallel factory layer, so a rank runs its own heads. Under sequence parallel a block's input and
-output, its norms and the residual stream are this rank's sequence shard [B, T/tp, dim]; the column-parallel
-projections all-gather the sequence and the row-parallel ones reduce-scatter it. P is the same on every TP rank and
-no slice of the sequence: it enters the projections by hand (`column_parallel_input`), is never gathered along T,
-and its gradient is summed over TP there. MAC runs segment after segment over the whole sequence, so it gathers
-its input once and builds its attention and memory with `full_sequence`.
+Tensor / sequence parallel (chosen when the model is built: every block, mixer and layer is built with the model's
+`ParallelDims`, see `titans_parallel.parallel`): every projection is a column- or row-parallel factory layer, so a
+rank runs its own heads. Under sequence parallel a block's input and output, its norms and the residual stream are
+this rank's sequence shard [B, T/tp, dim]; the column-parallel projections all-gather the sequence and the
+row-parallel ones reduce-scatter it. P is the same on every TP rank and no slice of the sequence: it enters the
+projections through `apply_to_replicated`, is never gathered along T, and its gradient is summed over TP there.
+MAC runs segment after segment over the whole sequence, so it gathers its input once and builds its attention,
+memory and norms with `full_sequence`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .attention import Attention, KVCache
 from .config import LAYER_KINDS, ModelConfig
 from .memory import NeuralMemory, NeuralMemoryCache
 from .parallel import (
+    SINGLE_RANK,
+    ParallelDims,
     column_parallel_linear,
     gather_from_sequence_parallel_region,
     mark_sequence_parallel,
@@ -39,16 +42,18 @@ from .parallel import (
 
 class RMSNorm(nn.Module):
     """RMS norm over the last dimension, learned scale. A norm in the sequence-parallel region (the default) has its
-    weight (replicated over TP) marked `sequence_parallel`: under sequence parallel each rank sees only its tokens
-    and `register_sequence_parallel_grad_hooks` must sum the gradient over TP. `sequence_parallel=False` is for a
-    norm on a full sequence that every TP rank holds whole (inside MAC), whose gradient is complete on every rank."""
+    weight (replicated over TP) marked `sequence_parallel` as `parallel` says: under sequence parallel each rank
+    sees only its tokens and `register_sequence_parallel_grad_hooks` must sum the gradient over TP.
+    `full_sequence=True` is for a norm on a full sequence that every TP rank holds whole (inside MAC), whose
+    gradient is complete on every rank."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, sequence_parallel: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, parallel: ParallelDims = SINGLE_RANK, *,
+                 full_sequence: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        if sequence_parallel:
-            mark_sequence_parallel(self.weight)
+        if not full_sequence:
+            mark_sequence_parallel(self.weight, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
@@ -58,11 +63,13 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """w2(SiLU(w1 x) * w3 x); w1, w3 column-parallel with N(0, init_std) weights, w2 row-parallel with N(0, out_std)."""
 
-    def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_std: float = 0.02):
+    def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_std: float = 0.02, *,
+                 parallel: ParallelDims = SINGLE_RANK):
         super().__init__()
-        self.w1 = column_parallel_linear(dim, hidden, bias=False, init_method=normal_init(init_std))
-        self.w3 = column_parallel_linear(dim, hidden, bias=False, init_method=normal_init(init_std))
-        self.w2 = row_parallel_linear(hidden, dim, bias=False, init_method=normal_init(out_std))
+        column = partial(column_parallel_linear, dim, hidden, bias=False, parallel=parallel,
+                         init_method=normal_init(init_std))
+        self.w1, self.w3 = column(), column()
+        self.w2 = row_parallel_linear(hidden, dim, bias=False, parallel=parallel, init_method=normal_init(out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -73,59 +80,57 @@ def residual_std(config: ModelConfig) -> float:
     return config.init_std / math.sqrt(2 * config.n_layers)
 
 
-def _attention(config: ModelConfig, window: int | None, full_sequence: bool = False) -> Attention:
+def _attention(config: ModelConfig, window: int | None, parallel: ParallelDims, full_sequence: bool = False
+               ) -> Attention:
     return Attention(
         config.dim, config.n_heads, config.head_dim, window, config.rope_base, config.attention_backend,
-        init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
+        init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence, parallel=parallel,
     )
 
 
-def _memory(config: ModelConfig, full_sequence: bool = False) -> NeuralMemory:
-    m = config.memory
+def _memory(config: ModelConfig, parallel: ParallelDims, full_sequence: bool = False) -> NeuralMemory:
     return NeuralMemory(
-        config.dim, config.n_heads, config.head_dim, depth=m.depth, expansion=m.expansion, chunk_size=m.chunk_size,
-        conv_kernel=m.conv_kernel, theta_max=m.theta_max, retrieve=m.retrieve, activation=m.activation,
-        compile_scan=m.compile_scan, norm_eps=config.norm_eps, polyak_step=m.polyak_step, momentum_ema=m.momentum_ema,
-        normalize_weights=m.normalize_weights,
-        init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence,
+        config.dim, config.n_heads, config.head_dim, config.memory, norm_eps=config.norm_eps,
+        init_std=config.init_std, out_std=residual_std(config), full_sequence=full_sequence, parallel=parallel,
     )
 
 
 class PersistentTokens(nn.Module):
-    """N_p learned tokens [Np, dim], N(0, init_std), replicated over TP."""
+    """N_p learned tokens [Np, dim], N(0, init_std), replicated over TP. Calling the module gives them (None when
+    N_p = 0), so each use is a module call that module hooks (ZeRO-3's parameter gathering) see."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(config.n_persistent, config.dim) * config.init_std)
 
-    def prefix(self) -> torch.Tensor | None:
+    def forward(self) -> torch.Tensor | None:
         return self.tokens if self.tokens.shape[0] else None
 
     def memory_prefix(self, memory_cache: NeuralMemoryCache | None) -> torch.Tensor | None:
         """What the memory reads before x: P at the start of a sequence (no memory cache yet), else nothing."""
-        return self.prefix() if memory_cache is None else None
+        return self() if memory_cache is None else None
 
 
 class AttentionMixer(nn.Module):
     """`attn`: full causal attention (Transformer++, no persistent tokens); `swa`: sliding window + persistent prefix."""
 
-    def __init__(self, config: ModelConfig, kind: str):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims, kind: str):
         super().__init__()
-        self.attn = _attention(config, None if kind == "attn" else config.window)
+        self.attn = _attention(config, None if kind == "attn" else config.window, parallel)
         self.persistent = PersistentTokens(config) if kind == "swa" else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None):
-        prefix = self.persistent.prefix() if self.persistent is not None else None
+        prefix = self.persistent() if self.persistent is not None else None
         return self.attn(x, prefix=prefix, cache=cache)
 
 
 class MemoryMixer(nn.Module):
     """`lmm`: the neural memory alone, reading P || x."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
         self.persistent = PersistentTokens(config)
-        self.memory = _memory(config)
+        self.memory = _memory(config, parallel)
 
     def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None):
         _, out, cache = self.memory.forward_prefixed(self.persistent.memory_prefix(cache), x, cache)
@@ -153,17 +158,17 @@ class MALCache:
 class MAGMixer(nn.Module):
     """Memory as a gate: o = RMSNorm(SWA(P || x)) * sigmoid(RMSNorm(LMM(P || x)))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
         self.persistent = PersistentTokens(config)
-        self.attn = _attention(config, config.window)
-        self.memory = _memory(config)
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.memory_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = _attention(config, config.window, parallel)
+        self.memory = _memory(config, parallel)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, parallel)
+        self.memory_norm = RMSNorm(config.dim, config.norm_eps, parallel)
 
     def forward(self, x: torch.Tensor, cache: MAGCache | None):
         memory_cache, attn_cache = (cache.memory, cache.attn) if cache is not None else (None, None)
-        y, attn_cache = self.attn(x, prefix=self.persistent.prefix(), cache=attn_cache)
+        y, attn_cache = self.attn(x, prefix=self.persistent(), cache=attn_cache)
         _, m, memory_cache = self.memory.forward_prefixed(self.persistent.memory_prefix(memory_cache), x, memory_cache)
         return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), MAGCache(memory_cache, attn_cache)
 
@@ -174,11 +179,11 @@ class MALMixer(nn.Module):
     layers give). Attention reading y alone (which starts at the residual-branch scale) learned passkey recall to
     0.47; x + y without the memory's residual y learned it to 0.88 and MQAR only late (docs/memory.md)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
         self.persistent = PersistentTokens(config)
-        self.memory = _memory(config)
-        self.attn = _attention(config, config.window)
+        self.memory = _memory(config, parallel)
+        self.attn = _attention(config, config.window, parallel)
 
     def forward(self, x: torch.Tensor, cache: MALCache | None):
         memory_cache, attn_cache, prefix = (None, None, None) if cache is None else (cache.memory, cache.attn,
@@ -217,18 +222,18 @@ class MACMixer(nn.Module):
     Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
     returns its shard of the output; its attention and memory work on the full sequence (full_sequence)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
-        self.segment = config.window
+        self.segment, self.parallel = config.window, parallel
         self.persistent = PersistentTokens(config)
-        self.attn = _attention(config, None, full_sequence=True)
-        self.memory = _memory(config, full_sequence=True)
-        self.context_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
-        self.gate_norm = RMSNorm(config.dim, config.norm_eps, sequence_parallel=False)
+        self.attn = _attention(config, None, parallel, full_sequence=True)
+        self.memory = _memory(config, parallel, full_sequence=True)
+        self.context_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
+        self.gate_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
 
     def forward(self, x: torch.Tensor, cache: MACCache | None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
-        x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        x = gather_from_sequence_parallel_region(x, self.parallel, tensor_parallel_output_grad=False)
         if cache is None:
             memory_cache = self.memory.initial_cache(x.shape[0])
             cache = MACCache(memory_cache, memory_cache.memory.weights, None, None, 0)
@@ -243,12 +248,12 @@ class MACMixer(nn.Module):
             segment = x[:, start : start + n]
             h, read_tail = self.memory.read(segment, read_weights, read_tail)
             y, attn_cache = self.attn(
-                segment, prefix=self.persistent.prefix(), cache=attn_cache, companion=self.context_norm(h)
+                segment, prefix=self.persistent(), cache=attn_cache, companion=self.context_norm(h)
             )
             m, memory_cache = self.memory(segment + y, memory_cache)
             outputs.append(y * torch.sigmoid(self.gate_norm(m)))
             start, offset = start + n, (offset + n) % self.segment
-        out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1))
+        out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1), self.parallel)
         return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
 
 
@@ -258,14 +263,15 @@ assert MIXERS.keys() == set(LAYER_KINDS), "config.LAYER_KINDS and the mixers dis
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then + SwiGLU(norm(.)). kind: mac | mag | mal | lmm | attn | swa."""
+    """x + mixer(norm(x)), then + SwiGLU(norm(.)). kind: mac | mag | mal | lmm | attn | swa; every layer is built
+    with `parallel`."""
 
-    def __init__(self, config: ModelConfig, kind: str):
+    def __init__(self, config: ModelConfig, kind: str, parallel: ParallelDims):
         super().__init__()
-        self.mixer_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mixer = MIXERS[kind](config)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = SwiGLU(config.dim, config.ffn_hidden, config.init_std, residual_std(config))
+        self.mixer_norm = RMSNorm(config.dim, config.norm_eps, parallel)
+        self.mixer = MIXERS[kind](config, parallel)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, parallel)
+        self.ffn = SwiGLU(config.dim, config.ffn_hidden, config.init_std, residual_std(config), parallel=parallel)
 
     def forward(self, x: torch.Tensor, cache=None):
         h, cache = self.mixer(self.mixer_norm(x), cache)

@@ -1,7 +1,8 @@
 """TitansLM: embeddings, a stack of blocks (Titans variants or baselines), final norm, LM head; loss; generation.
 
-Tensor / sequence parallel is chosen when the model is built: `init_parallel(tp, sequence_parallel=...)` first,
-then `TitansLM(config)` reads `parallel_dims()`. Without it (or with tp = 1) the model is plain torch.
+Tensor / sequence parallel is chosen when the model is built: `dims = init_parallel(tp, sequence_parallel=...)`,
+then `TitansLM(config, parallel=dims)`, which hands `dims` to every layer it builds; nothing reads a global. A
+plain `TitansLM(config)` (or tp = 1) is plain torch on one rank.
 
 What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_parallel_grad_hooks(model)` acts on
 `sequence_parallel`):
@@ -14,7 +15,8 @@ What each parameter is under TP (DeepSpeed reads the marks; `register_sequence_p
   enter a projection); MAC's context_norm / gate_norm (they act on the full sequence every TP rank holds).
 - replicated, marked `sequence_parallel` (every other RMSNorm weight: the blocks' mixer_norm / ffn_norm,
   MAG's attn_norm / memory_norm, the final norm): complete with TP alone; under sequence parallel each rank's gradient
-  covers its tokens only, and the hooks sum it over TP.
+  covers its tokens only, and the hooks (`register_sequence_parallel_grad_hooks(model, model.parallel)`) sum it
+  over TP.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from torch import nn
 from .blocks import Block, RMSNorm
 from .config import ModelConfig
 from .parallel import (
+    SINGLE_RANK,
+    ParallelDims,
     column_parallel_linear,
     gather_from_tensor_parallel_region,
     normal_init,
-    parallel_dims,
     tensor_parallel_share,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
@@ -50,19 +53,23 @@ class TitansLM(nn.Module):
     projections into the residual stream init_std / sqrt(2 n_layers); the memory's own rules; norms 1), so a TP
     rank's shard is exactly the slice of the TP = 1 model built from the same seed. Under sequence parallel T must
     be divisible by tp.
+
+    `parallel`: this rank's place in the TP x DP layout (`init_parallel`'s result), kept as `self.parallel`; the
+    default is a single rank, which needs no process group.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelDims = SINGLE_RANK):
         super().__init__()
-        self.config = config
-        self.parallel = parallel_dims()
+        self.config, self.parallel = config, parallel
         for name in ("n_heads", "vocab_size", "ffn_hidden"):
-            tensor_parallel_share(getattr(config, name), name)
+            tensor_parallel_share(getattr(config, name), name, parallel)
         init = normal_init(config.init_std)
-        self.tok_embeddings = vocab_parallel_embedding(config.vocab_size, config.dim, init_method=init)
-        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_pattern)
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = column_parallel_linear(config.dim, config.vocab_size, bias=False, init_method=init)
+        self.tok_embeddings = vocab_parallel_embedding(config.vocab_size, config.dim, parallel=parallel,
+                                                       init_method=init)
+        self.layers = nn.ModuleList(Block(config, kind, parallel) for kind in config.layer_pattern)
+        self.norm = RMSNorm(config.dim, config.norm_eps, parallel)
+        self.output = column_parallel_linear(config.dim, config.vocab_size, bias=False, parallel=parallel,
+                                             init_method=init)
         if config.tie_embeddings:  # both are [vocab / tp, dim], split alike over TP
             self.output.weight = self.tok_embeddings.weight
 
@@ -88,7 +95,7 @@ class TitansLM(nn.Module):
         if not self.parallel.tp_enabled:
             return lm_loss(logits, labels, ignore_index)
         keep = labels != ignore_index
-        losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0))
+        losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0), self.parallel)
         return (losses * keep).sum() / keep.sum()
 
     def decode(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
@@ -98,7 +105,7 @@ class TitansLM(nn.Module):
         if cache is not None and self.parallel.sequence_parallel:
             raise NotImplementedError("decoding from a cache under sequence parallel; build the model without it")
         logits, cache = self._logits(input_ids, cache)
-        return gather_from_tensor_parallel_region(logits), cache
+        return gather_from_tensor_parallel_region(logits, self.parallel), cache
 
     def _logits(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
         """(logits [B, T, vocab / tp] of this rank's vocabulary shard, new cache)."""
@@ -130,7 +137,7 @@ class TitansLM(nn.Module):
         if self.parallel.tp_enabled:
             raise NotImplementedError(
                 "generate under tensor parallel (every rank would have to draw the same samples); build the model "
-                "without init_parallel or with tp=1"
+                "on a single rank (TitansLM(config)) or with tp=1"
             )
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):

@@ -3,9 +3,11 @@
 optionally `tokenizer.model` + `tokenizer_config.json` (TitansTokenizer; special tokens in `save_hf_tokenizer`,
 the reasons in docs/export.md), and the remote code:
 `modeling_titans.py`, `configuration_titans.py`, `tokenization_titans.py` and every titans_parallel module they
-import, copied from this package at export time as flat modules (transformers' remote-code loader only follows
-`from .x import` between files of one folder), so the export loads without titans_parallel installed and keeps
-working whatever this repository later becomes.
+import at module level, copied from this package at export time as flat modules (transformers' remote-code loader
+only follows `from .x import` between files of one folder), so the export loads without titans_parallel installed
+and keeps working whatever this repository later becomes. A function-level import is a path single-rank
+inference never takes (the megatron-backed TP layers, process-group set-up): its module is not shipped, and the
+import becomes a `raise ImportError` (transformers requires every `from .x import` in a file to name a file).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ast
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -92,18 +95,21 @@ def save_hf_tokenizer(tokenizer: Path, out_dir: Path, seq_len: int | None = None
 
 
 def bundle_source(out_dir: str | Path) -> list[str]:
-    """Copy the remote-code modules (ENTRY_MODULES and every titans_parallel module they import, function-level
-    imports included) into `out_dir` as flat modules `<last name>.py`, their package imports rewritten to
-    `from .<last name> import`. Returns the module names written."""
+    """Copy the remote-code modules (ENTRY_MODULES and every titans_parallel module they import at module level)
+    into `out_dir` as flat modules `<last name>.py`, their package imports rewritten to `from .<last name> import`
+    (an import of a module not shipped: to `raise ImportError`). Returns the module names written."""
     sources = _closure(ENTRY_MODULES)
-    flat = {module: module.rsplit(".", 1)[-1] for module in sources}
+    flat = {module: _flat_name(module) for module in sources}
     clashes = sorted(name for name in set(flat.values()) if list(flat.values()).count(name) > 1)
     if clashes:
         raise RuntimeError(f"modules {clashes} would share a file name in the flat export; rename one")
     for module, path in sources.items():
-        text = _rewrite(path.read_text(), module, path, flat)
-        (Path(out_dir) / f"{flat[module]}.py").write_text(text)
+        (Path(out_dir) / f"{flat[module]}.py").write_text(_rewrite(path.read_text(), module, path, set(sources)))
     return sorted(flat.values())
+
+
+def _flat_name(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
 
 
 def _module_path(module: str) -> Path:
@@ -112,11 +118,21 @@ def _module_path(module: str) -> Path:
     return package if package.is_file() else (PACKAGE_DIR / rel).with_suffix(".py")
 
 
-def _package_imports(path: Path, module: str) -> list[tuple[ast.ImportFrom, str]]:
-    """(node, absolute module) for each `from ... import` of a titans_parallel module in the file at `path`."""
+def _module_level(node: ast.AST) -> Iterator[ast.AST]:
+    """The nodes under `node` outside function bodies: what runs when the module is imported."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield child
+            yield from _module_level(child)
+
+
+def _package_imports(path: Path, module: str, module_level: bool = False) -> list[tuple[ast.ImportFrom, str]]:
+    """(node, absolute module) for each `from ... import` of a titans_parallel module in the file at `path`
+    (outside function bodies only, if `module_level`)."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _module_level(tree) if module_level else ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
             raise RuntimeError(f"{path}:{node.lineno}: `import {PACKAGE}...` cannot be flattened; use from-imports")
         if not isinstance(node, ast.ImportFrom):
@@ -141,15 +157,19 @@ def _closure(entries: tuple[str, ...]) -> dict[str, Path]:
         module = todo.pop()
         if module not in sources:
             sources[module] = _module_path(module)
-            todo += [target for _, target in _package_imports(sources[module], module)]
+            todo += [target for _, target in _package_imports(sources[module], module, module_level=True)]
     return sources
 
 
-def _rewrite(text: str, module: str, path: Path, flat: dict[str, str]) -> str:
+def _rewrite(text: str, module: str, path: Path, shipped: set[str]) -> str:
     lines = text.splitlines(keepends=True)
     imports = sorted(_package_imports(path, module), key=lambda i: (i[0].lineno, i[0].col_offset), reverse=True)
     for node, target in imports:
         line = lines[node.lineno - 1]
         head, tail = line[: node.col_offset], line[node.col_offset :]
-        lines[node.lineno - 1] = head + _FROM.sub(f"from .{flat[target]} import", tail, count=1)
+        if target in shipped:
+            lines[node.lineno - 1] = head + _FROM.sub(f"from .{_flat_name(target)} import", tail, count=1)
+        else:
+            message = f"{target} is not part of the single-rank export"
+            lines[node.lineno - 1 : node.end_lineno] = [f"{head}raise ImportError({message!r})\n"]
     return "".join(lines)

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MemoryConfig
 from ..parallel import (
-    column_parallel_input,
+    SINGLE_RANK,
+    ParallelDims,
+    apply_to_replicated,
     column_parallel_linear,
     normal_init,
-    reduce_from_tensor_parallel_region,
     row_parallel_linear,
     tensor_parallel_parameter,
     tensor_parallel_share,
@@ -34,6 +36,16 @@ from .state import MemoryState, memory_mlp
 THETA_BIAS_INIT = 0.0
 ETA_BIAS_INIT = math.log(0.9 / 0.1)
 ALPHA_BIAS_INIT = math.log(0.01 / 0.99)
+
+
+class InitialWeights(nn.ParameterList):
+    """W_0 of every memory layer, [H, in_l, out_l] each. Calling the module returns them as a tuple, so each use
+    is a module call that module hooks (ZeRO-3's parameter gathering) see."""
+
+    __call__ = nn.Module.__call__  # nn.ParameterList refuses to be called
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self)
 
 
 @dataclass
@@ -51,7 +63,8 @@ class NeuralMemoryCache:
 
 
 class NeuralMemory(nn.Module):
-    """Neural long-term memory over x [B, T, dim] with `n_heads` heads of width `head_dim`.
+    """Neural long-term memory over x [B, T, dim] with `n_heads` heads of width `head_dim`, configured by `config`
+    (a `MemoryConfig`, its defaults when None; its fields are named below without prefix).
 
     q, k, v = SiLU(causal depthwise conv(x W)), l2-normalised q and k; per-token per-head gates
     theta = theta_max * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.); output = W_o(RMSNorm(y) * SiLU(x W_g)).
@@ -68,6 +81,8 @@ class NeuralMemory(nn.Module):
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
     the sequence itself).
+    Every entry point (`forward`, `forward_prefixed`, `read`) runs as a call of the module, and each submodule's
+    parameters are only used by calling it, so module hooks (ZeRO-3's parameter gathering) see every use.
     """
 
     def __init__(
@@ -75,61 +90,53 @@ class NeuralMemory(nn.Module):
         dim: int,
         n_heads: int,
         head_dim: int,
-        depth: int = 2,
-        expansion: int = 4,
-        chunk_size: int = 16,
-        conv_kernel: int = 4,
-        theta_max: float = 0.1,
-        retrieve: str = "inclusive",
-        activation: str = "silu",
-        compile_scan: bool = False,
-        norm_eps: float = 1e-6,
-        polyak_step: bool = True,
-        momentum_ema: bool = True,
-        normalize_weights: bool = True,
+        config: MemoryConfig | None = None,
         *,
+        norm_eps: float = 1e-6,
         init_std: float = 0.02,
         out_std: float = 0.02,
         full_sequence: bool = False,
+        parallel: ParallelDims = SINGLE_RANK,
     ):
         super().__init__()
-        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads"), head_dim
-        self.chunk_size, self.conv_kernel, self.theta_max = chunk_size, conv_kernel, theta_max
-        self.retrieve, self.activation, self.compile_scan, self.norm_eps = retrieve, activation, compile_scan, norm_eps
-        self.full_sequence = full_sequence
-        self.polyak_step, self.momentum_ema, self.normalize_weights = polyak_step, momentum_ema, normalize_weights
+        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim
+        self.config = c = config if config is not None else MemoryConfig()
+        self.norm_eps = norm_eps
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
         column = functools.partial(
-            column_parallel_linear, init_method=normal_init(init_std), full_sequence=full_sequence
+            column_parallel_linear, parallel=parallel, init_method=normal_init(init_std), full_sequence=full_sequence
         )
+        per_head = functools.partial(tensor_parallel_parameter, partition_dim=0, parallel=parallel)
         self.in_proj = column(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
         self.gate_proj = column(dim, n_heads * 3)  # per head: theta, eta, alpha
         with torch.no_grad():
             bias = self.gate_proj.bias.view(self.n_heads, 3)
             bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
-        self.conv_weight = tensor_parallel_parameter(
-            (n_heads, 3, head_dim, conv_kernel), 0, init_method=normal_init(1 / math.sqrt(conv_kernel))
+        self.conv_weight = per_head(
+            (n_heads, 3, head_dim, c.conv_kernel), init_method=normal_init(1 / math.sqrt(c.conv_kernel))
         )
-        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
-        self.initial_weights = nn.ParameterList(
-            tensor_parallel_parameter((n_heads, fan_in, fan_out), 0, init_method=normal_init(1 / math.sqrt(fan_in)))
+        widths = [head_dim] + [c.expansion * head_dim] * (c.depth - 1) + [head_dim]
+        self.initial_weights = InitialWeights(
+            per_head((n_heads, fan_in, fan_out), init_method=normal_init(1 / math.sqrt(fan_in)))
             for fan_in, fan_out in zip(widths[:-1], widths[1:])
         )
-        self.out_norm_weight = tensor_parallel_parameter((n_heads, head_dim), 0, init_method=nn.init.ones_)
+        self.out_norm_weight = per_head((n_heads, head_dim), init_method=nn.init.ones_)
         self.out_proj = row_parallel_linear(
-            n_heads * head_dim, dim, bias=False, init_method=normal_init(out_std), full_sequence=full_sequence
+            n_heads * head_dim, dim, bias=False, parallel=parallel, init_method=normal_init(out_std),
+            full_sequence=full_sequence,
         )
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
         """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
-        dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)  # fp32 state; fp64 stays fp64
-        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
-        ref = self.in_proj.weight
+        initial = self.initial_weights()
+        ref = initial[0]
+        dtype = torch.promote_types(ref.dtype, torch.float32)  # fp32 state; fp64 stays fp64
+        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in initial)
         H, d = self.n_heads, self.head_dim
         pending = tuple(ref.new_zeros(batch_size, H, 0, d) for _ in range(2)) + tuple(
             ref.new_zeros(batch_size, H, 0) for _ in range(3)
         )
-        tail = ref.new_zeros(batch_size, self.conv_kernel - 1, H, 3, d)
+        tail = ref.new_zeros(batch_size, self.config.conv_kernel - 1, H, 3, d)
         return NeuralMemoryCache(MemoryState.from_weights(weights), pending, tail)
 
     def _conv(self, u: torch.Tensor, tail: torch.Tensor, channels: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +144,10 @@ class NeuralMemory(nn.Module):
         `tail` [B, K-1, H, c, d]; returns ([B, H, c, T, d], the new tail)."""
         B, T, H, c, d = u.shape
         full = torch.cat([tail, u], dim=1)
-        weight = self.conv_weight[:, channels].reshape(-1, 1, self.conv_kernel)
+        weight = self.conv_weight[:, channels].reshape(-1, 1, self.config.conv_kernel)
         out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
         out = F.silu(out).view(B, H, c, d, T).transpose(-1, -2)
-        return out, full[:, full.shape[1] - (self.conv_kernel - 1) :]
+        return out, full[:, full.shape[1] - (self.config.conv_kernel - 1) :]
 
     def _gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
@@ -149,27 +156,19 @@ class NeuralMemory(nn.Module):
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].to(y.dtype)
         return (y.to(gate.dtype).transpose(1, 2) * F.silu(gate)).flatten(2)
 
+    def forward(self, *args, entry: str = "update"):
+        """The module call; `entry` is what runs inside it: "update" (`memory(x, cache)`, see `_update`),
+        "update_prefixed" (`forward_prefixed`) or "read" (`read`)."""
+        return {"update": self._update, "update_prefixed": self._update_prefixed, "read": self._read}[entry](*args)
+
     def read(
         self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval without update (MAC's h = M(q)): queries from x [B, T, dim] through the memory at fixed
         `weights` (W_l [B, H, in, out]). conv_tail [B, K-1, H, 1, d] continues the query conv of an earlier call.
-        Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`."""
-        H, d = self.n_heads, self.head_dim
-        x = column_parallel_input(x, sequence_sharded=not self.full_sequence)  # only the q and gate projections
-        B, T, _ = x.shape
-        proj = F.linear(x, self.in_proj.weight.view(H, 4, d, -1)[:, [0, 3]].flatten(0, 2)).view(B, T, H, 2, d)
-        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.conv_kernel - 1, H, 1, d)
-        q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
-        q = F.normalize(q[:, :, 0], dim=-1)
-        y = memory_mlp(q.to(weights[0].dtype), weights, self.activation)
-        return self.out_proj(self._gated(y, proj[:, :, :, 1])), tail
-
-    def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None = None) -> tuple[torch.Tensor, NeuralMemoryCache]:
-        """x: [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in pieces with the
-        returned cache gives the same outputs as one pass, wherever it is split."""
-        _, out, cache = self.forward_prefixed(None, x, cache)
-        return out, cache
+        Returns (out [B, T, dim], new conv tail); x and out are sharded as in `forward`. The keys and values of
+        in_proj are computed too and not used: the projection is one call of the layer."""
+        return self(x, weights, conv_tail, entry="read")
 
     def forward_prefixed(
         self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None = None
@@ -180,14 +179,39 @@ class NeuralMemory(nn.Module):
         Returns (out at the prefix [B, Np, dim], the same on every TP rank, or None without a prefix; out at x
         [B, T, dim], sharded like x; the cache after the last token).
         """
+        return self(prefix, x, cache, entry="update_prefixed")
+
+    def _read(
+        self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        H, d = self.n_heads, self.head_dim
+        proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
+        B, T, _ = proj.shape
+        proj = proj.view(B, T, H, 4, d)
+        tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.config.conv_kernel - 1, H, 1, d)
+        q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
+        q = F.normalize(q[:, :, 0], dim=-1)
+        y = memory_mlp(q.to(weights[0].dtype), weights, self.config.activation)
+        return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
+
+    def _update(
+        self, x: torch.Tensor, cache: NeuralMemoryCache | None = None
+    ) -> tuple[torch.Tensor, NeuralMemoryCache]:
+        """`memory(x, cache)`: x [B, T, dim] -> (out [B, T, dim], cache after the last token). Feeding a sequence in
+        pieces with the returned cache gives the same outputs as one pass, wherever it is split."""
+        _, out, cache = self._update_prefixed(None, x, cache)
+        return out, cache
+
+    def _update_prefixed(
+        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache]:
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
         B, T = proj.shape[:2]
-        if n:  # projected by hand: the prefix is not a sequence shard
-            prefix = column_parallel_input(prefix.to(x.dtype))
-            prefix_gates = F.linear(prefix, self.gate_proj.weight, self.gate_proj.bias)
-            proj = torch.cat([F.linear(prefix, self.in_proj.weight).expand(B, -1, -1), proj], dim=1)
-            gates = torch.cat([prefix_gates.expand(B, -1, -1), gates], dim=1)
+        if n:  # the prefix is not a sequence shard
+            prefix = prefix.to(x.dtype)
+            proj = torch.cat([apply_to_replicated(self.in_proj, prefix).expand(B, -1, -1), proj], dim=1)
+            gates = torch.cat([apply_to_replicated(self.gate_proj, prefix).expand(B, -1, -1), gates], dim=1)
         H, d, T = self.n_heads, self.head_dim, n + T
         cache = cache if cache is not None else self.initial_cache(B)
         proj = proj.view(B, T, H, 4, d)
@@ -195,7 +219,7 @@ class NeuralMemory(nn.Module):
         q, k, v = qkv.unbind(2)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         theta, eta, alpha = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
-        theta = self.theta_max * theta
+        theta = self.config.theta_max * theta
         if not self.learning:
             theta, alpha = torch.zeros_like(theta), torch.zeros_like(alpha)
 
@@ -204,7 +228,7 @@ class NeuralMemory(nn.Module):
             new = (k, v, theta, eta, alpha)
             k, v, theta, eta, alpha = (torch.cat([old, t], dim=2) for old, t in zip(cache.pending, new))
             q = torch.cat([q.new_zeros(B, H, p, d), q], dim=2)
-        boundary = (p + T) // self.chunk_size * self.chunk_size
+        boundary = (p + T) // self.config.chunk_size * self.config.chunk_size
         y, memory = self._scan(q, k, v, theta, eta, alpha, cache.memory, 0, boundary)
         if boundary < p + T:
             y_rest, _ = self._scan(q, k, v, theta, eta, alpha, memory, boundary, p + T)
@@ -214,17 +238,15 @@ class NeuralMemory(nn.Module):
 
         gated = self._gated(y, proj[:, :, :, 3])
         out = self.out_proj(gated[:, n:])
-        prefix_out = None
-        if n:  # row-parallel by hand: summed over TP, not reduce-scattered along T
-            prefix_out = reduce_from_tensor_parallel_region(F.linear(gated[:, :n], self.out_proj.weight))
+        prefix_out = apply_to_replicated(self.out_proj, gated[:, :n]) if n else None  # never reduce-scattered
         return prefix_out, out, NeuralMemoryCache(memory, pending, tail)
 
     def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
         if end == start:
             return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state
-        s = slice(start, end)
+        s, c = slice(start, end), self.config
         return memory_scan(
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
-            chunk_size=self.chunk_size, retrieve=self.retrieve, activation=self.activation, compile=self.compile_scan,
-            polyak_step=self.polyak_step, momentum_ema=self.momentum_ema, normalize_weights=self.normalize_weights,
+            chunk_size=c.chunk_size, retrieve=c.retrieve, activation=c.activation, compile=c.compile_scan,
+            polyak_step=c.polyak_step, momentum_ema=c.momentum_ema, normalize_weights=c.normalize_weights,
         )

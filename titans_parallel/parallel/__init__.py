@@ -1,20 +1,19 @@
-"""Tensor and sequence parallelism: process groups (megatron-core `parallel_state`), TP/SP layer factories and
-their initialisers, gradient fix-ups for a data-parallel engine. Importing this package does not import
-megatron-core; `init_parallel` does.
+"""Tensor and sequence parallelism: process groups (megatron-core `parallel_state`) and the parallel context
+`ParallelDims` a model is built with, TP/SP layer factories and their initialisers, gradient fix-ups for a
+data-parallel engine. Importing this package does not import megatron-core; `init_parallel` does.
 
 `cpu_megatron.enable_cpu_megatron` (called by `init_parallel`) is the one place that makes megatron-core run on a
 host without CUDA.
 """
 
 from .grads import mark_sequence_parallel, mark_tensor_parallel, register_sequence_parallel_grad_hooks
-from .groups import ParallelDims, destroy_parallel, init_parallel, parallel_dims
+from .groups import SINGLE_RANK, ParallelDims, destroy_parallel, init_parallel
 from .init_methods import normal_init
 from .layers import (
-    column_parallel_input,
+    apply_to_replicated,
     column_parallel_linear,
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
-    reduce_from_tensor_parallel_region,
     row_parallel_linear,
     scatter_to_sequence_parallel_region,
     tensor_parallel_parameter,
@@ -24,8 +23,9 @@ from .layers import (
 )
 
 __all__ = [
+    "SINGLE_RANK",
     "ParallelDims",
-    "column_parallel_input",
+    "apply_to_replicated",
     "column_parallel_linear",
     "destroy_parallel",
     "gather_from_sequence_parallel_region",
@@ -34,8 +34,6 @@ __all__ = [
     "mark_sequence_parallel",
     "mark_tensor_parallel",
     "normal_init",
-    "parallel_dims",
-    "reduce_from_tensor_parallel_region",
     "register_sequence_parallel_grad_hooks",
     "row_parallel_linear",
     "scatter_to_sequence_parallel_region",

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .groups import parallel_dims
+from .groups import ParallelDims
 
 _HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -47,11 +47,10 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Paramete
     return param
 
 
-def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
+def mark_sequence_parallel(param: nn.Parameter, parallel: ParallelDims) -> nn.Parameter:
     """Mark a TP-replicated parameter that acts on the sequence-parallel shard. Sets `sequence_parallel` to whether
-    sequence parallel is on (as megatron does for RowParallelLinear's bias), so call it after `init_parallel`.
-    Returns `param`."""
-    param.sequence_parallel = parallel_dims().sequence_parallel
+    sequence parallel is on in `parallel` (as megatron does for RowParallelLinear's bias). Returns `param`."""
+    param.sequence_parallel = parallel.sequence_parallel
     return param
 
 
@@ -61,8 +60,9 @@ def _sum_over_tp(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return grad
 
 
-def register_sequence_parallel_grad_hooks(model: nn.Module) -> list[str]:
-    """Make the gradient of every parameter with `sequence_parallel=True` the sum over TP ranks (see module doc).
+def register_sequence_parallel_grad_hooks(model: nn.Module, parallel: ParallelDims) -> list[str]:
+    """Make the gradient of every parameter with `sequence_parallel=True` the sum over the TP ranks of `parallel`,
+    the context the model was built with (see module doc).
 
     Call once the model is built, before or after wrapping it in a training engine (hooks live on the parameters).
     Idempotent: parameters already hooked are skipped. Returns the names of the parameters hooked by this call.
@@ -70,6 +70,6 @@ def register_sequence_parallel_grad_hooks(model: nn.Module) -> list[str]:
     hooked = []
     for name, param in model.named_parameters():
         if param.requires_grad and getattr(param, "sequence_parallel", False) and param not in _HOOKED:
-            _HOOKED[param] = param.register_hook(partial(_sum_over_tp, group=parallel_dims().tp_group))
+            _HOOKED[param] = param.register_hook(partial(_sum_over_tp, group=parallel.tp_group))
             hooked.append(name)
     return hooked

@@ -1,9 +1,11 @@
-"""Process groups: megatron-core `parallel_state` (TP x DP) and the model-parallel RNG.
+"""Process groups: megatron-core `parallel_state` (TP x DP), the model-parallel RNG, and `ParallelDims`, the
+parallel context a model is built with.
 
 Ranks are laid out as megatron does (TP innermost: with tp=2, ranks {0, 1} share a tensor-parallel group).
 Pipeline and context parallel are 1. megatron-core is imported only by `init_parallel`, so a single-process model
-never loads it; until then `parallel_dims()` describes a single rank and every factory in `layers` builds plain
-torch modules.
+never loads it. `init_parallel` returns this rank's `ParallelDims`; the job hands it to the model
+(`TitansLM(config, parallel=dims)`), which passes it to every layer it builds. Nothing reads a global: a model
+built without one (`SINGLE_RANK`) is plain torch, whatever groups exist.
 """
 
 from __future__ import annotations
@@ -24,42 +26,33 @@ def _parallel_state() -> ModuleType:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Where this rank sits: tensor-parallel rank/size, data-parallel rank/size, and whether Megatron sequence
-    parallel is on (only ever with tp_size > 1). Group accessors need `init_parallel`."""
+    """Where this rank sits, fixed when a model is built: tensor-parallel rank/size and group, data-parallel
+    rank/size and group, and whether Megatron sequence parallel is on (only ever with tp_size > 1). The groups are
+    None on a single rank (`SINGLE_RANK`, the default everywhere), which needs no process group."""
 
     tp_size: int = 1
     tp_rank: int = 0
     dp_size: int = 1
     dp_rank: int = 0
     sequence_parallel: bool = False
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
 
     @property
     def tp_enabled(self) -> bool:
         return self.tp_size > 1
 
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_tensor_model_parallel_group()
 
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return _parallel_state().get_data_parallel_group()
-
-
-_SINGLE_RANK = ParallelDims()
-_dims: ParallelDims | None = None
+SINGLE_RANK = ParallelDims()
+_initialised = False
 _owns_world = False
-
-
-def parallel_dims() -> ParallelDims:
-    """The dims set by `init_parallel`, or a single rank (tp = dp = 1) before it / after `destroy_parallel`."""
-    return _dims or _SINGLE_RANK
 
 
 def init_parallel(
     tp: int = 1, *, sequence_parallel: bool = False, seed: int = 0, backend: str | None = None
 ) -> ParallelDims:
-    """Set up TP x DP process groups and the RNG; returns this rank's `ParallelDims`.
+    """Set up TP x DP process groups and the RNG; returns this rank's `ParallelDims` (megatron's TP and DP groups
+    in it), for the job to hand to the model it builds.
 
     Initialises torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
     LOCAL_RANK; backend nccl with CUDA, else gloo, unless `backend` says) if nobody has yet; checks that the world
@@ -71,8 +64,8 @@ def init_parallel(
     megatron's `model_parallel_cuda_manual_seed(seed)` for the tracker that `get_cuda_rng_tracker().fork()` uses
     (a per-TP-rank stream, e.g. for dropout inside tensor-parallel regions).
     """
-    global _dims, _owns_world
-    if _dims is not None:
+    global _initialised, _owns_world
+    if _initialised:
         raise RuntimeError("init_parallel was already called; call destroy_parallel() first")
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or world_size % tp:
@@ -92,23 +85,25 @@ def init_parallel(
     state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    _dims = ParallelDims(
+    _initialised = True
+    return ParallelDims(
         tp_size=tp,
         tp_rank=state.get_tensor_model_parallel_rank(),
         dp_size=state.get_data_parallel_world_size(),
         dp_rank=state.get_data_parallel_rank(),
         sequence_parallel=sequence_parallel and tp > 1,
+        tp_group=state.get_tensor_model_parallel_group(),
+        dp_group=state.get_data_parallel_group(),
     )
-    return _dims
 
 
 def destroy_parallel() -> None:
     """Undo `init_parallel`: drop megatron's groups, and the default process group if `init_parallel` made it."""
-    global _dims, _owns_world
-    if _dims is None:
+    global _initialised, _owns_world
+    if not _initialised:
         return
     _parallel_state().destroy_model_parallel()
     if _owns_world:
         dist.destroy_process_group()
         _owns_world = False
-    _dims = None
+    _initialised = False
