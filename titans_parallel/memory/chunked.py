@@ -266,10 +266,12 @@ def _with_top(stacked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, stacked[:, stacked.shape[1] // 2 :]], dim=1)
 
 
-def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k, v, q, bf, G, decay, carry, gm):
+def _chunk_forward(
+    act: Activation, retrieve: str, polyak: bool, states: list, k, v, q, retrieval, mixing, decay, carry, update
+):
     """One chunk step: (outputs z [BH, C, d_out], chunk-end states, the `_Intermediates` of its backward).
     With `polyak`, token i's inner gradient A_{l-1,i}^T Delta_{l,i} (rank one, so |.|^2 = |A|^2 |Delta|^2) sets
-    its factor c_i, which scales column i of G and row i of the update coefficients."""
+    its factor c_i, which scales column i of mixing and row i of the update coefficients."""
     L = len(states)
     weights = [_top(s) for s in states]
     acts, pres, backs = [k], [], []
@@ -283,7 +285,7 @@ def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k
     scale = None
     if polyak:
         scale = _polyak_factors(acts, deltas)
-        G, gm = G * scale[:, None, :], gm * scale[:, :, None, None]
+        mixing, update = mixing * scale[:, None, :], update * scale[:, :, None, None]
 
     xs, zqs, scores = [], [], []
     x = q
@@ -293,7 +295,7 @@ def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k
             z = x @ weights[layer]
         else:
             scores.append(x @ acts[layer].transpose(-1, -2))
-            z = torch.baddbmm(_paired(x, bf) @ states[layer], G * scores[-1], deltas[layer], alpha=-1)
+            z = torch.baddbmm(_paired(x, retrieval) @ states[layer], mixing * scores[-1], deltas[layer], alpha=-1)
         if layer < L - 1:
             zqs.append(z)
             x = act.fn(z)
@@ -303,7 +305,7 @@ def _chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, k
         n = s.shape[1] // 2
         new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
         new[:, :n].addcmul_(s[:, n:], carry)
-        new_states.append(new.baddbmm_(_paired(a, gm).transpose(-1, -2), delta, alpha=-1))
+        new_states.append(new.baddbmm_(_paired(a, update).transpose(-1, -2), delta, alpha=-1))
     return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores, scale)
 
 
@@ -424,31 +426,31 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
     Given dy [BH, C, d_out] and the gradients of the chunk-end states, returns the
     gradients of the chunk's inputs (k, v, q, retrieval, mixing, decay, carry, update) and of the chunk-start states.
     """
-    k, v, q, bf, G, decay, carry, gm = chunk
+    k, v, q, retrieval, mixing, decay, carry, update = chunk
     if polyak:  # the step used the scaled coefficients; their gradients are mapped back after the query side
-        G_raw, gm_raw = G, gm
-        G, gm = G * s.scale[:, None, :], gm * s.scale[:, :, None, None]
+        mixing_raw, update_raw = mixing, update
+        mixing, update = mixing * s.scale[:, None, :], update * s.scale[:, :, None, None]
     L = len(s.states)
     weights = [_top(st) for st in s.states]
     # Chunk-end update: [W'; S'] = [end_b W + end_f S; end_eta S] - (g*A | m*A)^T Delta.
-    d_decay, d_carry, d_gm = 0, 0, 0
+    d_decay, d_carry, d_update = 0, 0, 0
     d_acts, d_deltas, d_starts = [], [], []
     for layer in range(L):
         st, d_end, a, delta = s.states[layer], d_ends[layer], s.acts[layer], s.deltas[layer]
         d_halves, halves = d_end.view(d_end.shape[0], 2, -1), st.view(st.shape[0], 2, -1)
         d_decay = d_decay + torch.linalg.vecdot(d_halves, halves)[..., None]
         d_carry = d_carry + torch.linalg.vecdot(d_halves[:, 0], halves[:, 1])[:, None, None]
-        d_a, d_coef = _unpaired(-(delta @ d_end.transpose(-1, -2)), a, gm)
+        d_a, d_coef = _unpaired(-(delta @ d_end.transpose(-1, -2)), a, update)
         d_acts.append(d_a)
-        d_gm = d_gm + d_coef
-        d_deltas.append(-(_paired(a, gm) @ d_end))
+        d_update = d_update + d_coef
+        d_deltas.append(-(_paired(a, update) @ d_end))
         d_start = d_halves * decay  # [end_b dW'; end_eta dS']
         d_start[:, 1].addcmul_(d_halves[:, 0], carry[:, 0])
         d_starts.append(d_start.view_as(d_end))
 
     # Query side, last layer first.
-    d_bf = torch.zeros_like(bf)
-    d_G = torch.zeros_like(G)
+    d_retrieval = torch.zeros_like(retrieval)
+    d_mixing = torch.zeros_like(mixing)
     dz = dy
     for layer in range(L - 1, -1, -1):
         x = s.xs[layer]
@@ -456,20 +458,20 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
             _top(d_starts[layer]).baddbmm_(x.transpose(-1, -2), dz)
             dx = dz @ weights[layer].transpose(-1, -2)
         else:
-            d_starts[layer].baddbmm_(_paired(x, bf).transpose(-1, -2), dz)
-            dx, d_coef = _unpaired(dz @ s.states[layer].transpose(-1, -2), x, bf)
-            d_bf += d_coef
-            d_scores_mixed = -(dz @ s.deltas[layer].transpose(-1, -2))  # d(G o U): [C, C]
-            d_deltas[layer] -= (G * s.scores[layer]).transpose(-1, -2) @ dz
-            d_G += d_scores_mixed * s.scores[layer]
-            d_u = d_scores_mixed * G
+            d_starts[layer].baddbmm_(_paired(x, retrieval).transpose(-1, -2), dz)
+            dx, d_coef = _unpaired(dz @ s.states[layer].transpose(-1, -2), x, retrieval)
+            d_retrieval += d_coef
+            d_scores_mixed = -(dz @ s.deltas[layer].transpose(-1, -2))  # d(mixing o U): [C, C]
+            d_deltas[layer] -= (mixing * s.scores[layer]).transpose(-1, -2) @ dz
+            d_mixing += d_scores_mixed * s.scores[layer]
+            d_u = d_scores_mixed * mixing
             dx.baddbmm_(d_u, s.acts[layer])
             d_acts[layer].baddbmm_(d_u.transpose(-1, -2), x)
         dz = dx * act.grad(s.zqs[layer - 1]) if layer > 0 else dx
     dq = dz
     if polyak:
-        d_scale = (d_G * G_raw).sum(-2) + (d_gm * gm_raw).sum((-2, -1))
-        d_G, d_gm = d_G * s.scale[:, None, :], d_gm * s.scale[:, :, None, None]
+        d_scale = (d_mixing * mixing_raw).sum(-2) + (d_update * update_raw).sum((-2, -1))
+        d_mixing, d_update = d_mixing * s.scale[:, None, :], d_update * s.scale[:, :, None, None]
         _polyak_backward(s, d_scale, d_acts, d_deltas)
 
     # Keys: first the inner backward pass Delta_l = (Delta_{l+1} W_{l+1}^T) * sigma'(Z_l), in reverse of its order.
@@ -497,4 +499,4 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
     for d_start, d_w in zip(d_starts, d_weights):
         _top(d_start).add_(d_w)
     dk = d_acts[0]
-    return [dk, dv, dq, d_bf, d_G, d_decay, d_carry, d_gm], d_starts
+    return [dk, dv, dq, d_retrieval, d_mixing, d_decay, d_carry, d_update], d_starts
