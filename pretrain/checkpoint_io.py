@@ -44,7 +44,7 @@ from pretrain.checkpoint import (
 from pretrain.optim import param_groups
 from titans_parallel import ModelConfig, TitansLM
 from titans_parallel.parallel.metadata import tensor_parallel_layout, tied_parameters
-from titans_parallel.typed_config import from_mapping, to_mapping
+from titans_parallel.typed_config import to_mapping
 
 TP_FORMAT = "titans-tp-shards"
 StateDict = dict[str, torch.Tensor]
@@ -103,7 +103,7 @@ def load_consolidated(path: str | Path, progress: bool = True) -> tuple[StateDic
     job = read_job(tag_dir)
     config = job["config"]
     tp = config["parallel"]["tp"]
-    spec = ModelSpec.of(from_mapping(ModelConfig, config["model"]))
+    spec = ModelSpec.of(ModelConfig.from_saved(config["model"]))
     files = rank_files(tag_dir, config["train"]["zero_stage"], tp, job["world_size"] // tp,
                        bf16=config["train"]["precision"] == "bf16")
     shards = []
@@ -271,7 +271,7 @@ def read_tp_config(folder: str | Path) -> tuple[ModelConfig, int]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     if meta.get("format") != TP_FORMAT:
         raise CheckpointError(f"{path} is not a {TP_FORMAT} config")
-    return from_mapping(ModelConfig, meta["model"]), meta["tp"]
+    return ModelConfig.from_saved(meta["model"]), meta["tp"]
 
 
 def _read_shard(folder: Path, rank: int, tp: int, spec: ModelSpec) -> StateDict:

@@ -42,7 +42,7 @@ from pretrain.checkpoint_io import (
     save_tp_shards,
 )
 from titans_parallel import ModelConfig, TitansLM
-from titans_parallel.typed_config import from_mapping, to_mapping
+from titans_parallel.typed_config import to_mapping
 
 FORMATS = ("safetensors", "hf", "tp")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
@@ -82,7 +82,7 @@ def convert(checkpoint: str | Path, out: str | Path, fmt: str, *, tp: int | None
     if out.resolve() in (tag_dir.resolve(), *tag_dir.resolve().parents):
         raise ValueError(f"--out {out} would replace the checkpoint {tag_dir} itself")
     job = read_job(tag_dir)["config"]
-    model_config = from_mapping(ModelConfig, job["model"])
+    model_config = ModelConfig.from_saved(job["model"])
     if fmt == "tp":
         ModelSpec.of(model_config).check_divisible(tp)
     sp_path = tokenizer_path(job, tokenizer, model_config.vocab_size) if fmt != "tp" else None
@@ -158,7 +158,7 @@ def load_model(path: str | Path) -> TitansLM:
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: not a safetensors export folder")
-    config = from_mapping(ModelConfig, json.loads((path / CONFIG).read_text()))
+    config = ModelConfig.from_saved(json.loads((path / CONFIG).read_text()))
     try:
         state = load_file(path / WEIGHTS)
     except Exception as e:

@@ -403,3 +403,26 @@ def test_universal_checkpoint_resumes_at_another_tensor_parallel_degree(tmp_path
     resumed = run_ranks(2, _resume_from_universal, sections, str(universal), tag, range(2, 4), timeout=600)[0]
     for a, b in zip(resumed, result["losses"][2:]):
         assert abs(a - b) <= 1e-4 * abs(b), (resumed, result["losses"])
+
+
+def test_export_saved_before_the_stabilisers_loads_with_them_off(tmp_path):
+    """A config.json without the memory stabiliser keys was written before they existed, by a model trained with the
+    paper's rule: it loads with them off (the same logits), not with today's defaults (other logits)."""
+    from pretrain.convert import CONFIG, save_safetensors
+    from titans_parallel.config import OPTIONS_ABSENT_FROM_OLDER_SAVES
+
+    paper_rule = replace(MIXED, memory=replace(MIXED.memory, **OPTIONS_ABSENT_FROM_OLDER_SAVES))
+    model = TitansLM(paper_rule).eval()
+    save_safetensors(model.state_dict(), paper_rule, tmp_path, {})
+    saved = json.loads((tmp_path / CONFIG).read_text())
+    for key in OPTIONS_ABSENT_FROM_OLDER_SAVES:
+        del saved["memory"][key]
+    (tmp_path / CONFIG).write_text(json.dumps(saved))
+    loaded = load_model(tmp_path)
+    assert loaded.config.memory == paper_rule.memory
+    with torch.no_grad():
+        expected = model(IDS)
+        torch.testing.assert_close(loaded(IDS), expected, rtol=0, atol=0)
+        defaults = TitansLM(from_mapping(ModelConfig, saved)).eval()
+        defaults.load_state_dict(model.state_dict())
+        assert not torch.allclose(defaults(IDS), expected)

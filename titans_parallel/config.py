@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .typed_config import check, load_config, to_mapping
+from .typed_config import check, from_mapping, load_config, to_mapping
 
 LAYER_KINDS = ("mac", "mag", "mal", "lmm", "attn", "swa")
 MEMORY_KINDS = ("mac", "mag", "mal", "lmm")  # the layer kinds with a neural memory
 _VARIANT_LAYER = {"transformer": "attn"}  # every other variant names its own layer kind
+# MemoryConfig options added after models were first saved, at the value that reproduces a model saved before them
+# (each is off in the paper's rule): a saved config without the key was trained without the option.
+OPTIONS_ABSENT_FROM_OLDER_SAVES = {"polyak_step": False, "momentum_ema": False, "normalize_weights": False}
 
 
 @dataclass
@@ -92,6 +95,13 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "ModelConfig":
         return load_config(cls, path, overrides)
+
+    @classmethod
+    def from_saved(cls, mapping: dict) -> "ModelConfig":
+        """The config of a saved model (checkpoint, TP shards, export): memory options the mapping lacks read as
+        they were before they existed (`OPTIONS_ABSENT_FROM_OLDER_SAVES`), not as today's defaults."""
+        memory = {**OPTIONS_ABSENT_FROM_OLDER_SAVES, **(mapping.get("memory") or {})}
+        return from_mapping(cls, {**mapping, "memory": memory})
 
     def to_dict(self) -> dict:
         return to_mapping(self)

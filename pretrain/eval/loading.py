@@ -16,13 +16,12 @@ def load_model_and_seq_len(path: str | Path) -> tuple[TitansLM, int | None]:
     from pretrain.checkpoint_io import build_model, load_consolidated
     from pretrain.convert import load_model
     from titans_parallel.config import ModelConfig
-    from titans_parallel.typed_config import from_mapping
 
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return load_model(path), None
     state, config, _ = load_consolidated(path, progress=False)
-    model = build_model(from_mapping(ModelConfig, config["model"]), state).eval()
+    model = build_model(ModelConfig.from_saved(config["model"]), state).eval()
     return model, config["data"]["seq_len"]
 
 

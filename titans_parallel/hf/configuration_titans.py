@@ -8,7 +8,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ..config import ModelConfig
-from ..typed_config import from_mapping, to_mapping
+from ..typed_config import to_mapping
 
 
 class TitansConfig(PretrainedConfig):
@@ -34,4 +34,4 @@ class TitansConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
     def model_config(self) -> ModelConfig:
-        return from_mapping(ModelConfig, self.titans or {})
+        return ModelConfig.from_saved(self.titans or {})
