@@ -221,9 +221,12 @@ def _forward_chunks(
     """The sequential loop. inputs: (kc, vc, qc, *ChunkCoefficients) chunked [BH, N, ...]; states: [W_l; S_l]
     [BH, 2 in_l, out_l]. Returns (y [BH, N, C, d_out], end states); appends to `saved` if given and, with
     `normalize`, each chunk's (targets, pre-normalisation column lengths (clamped)), [BH, 1, out_l] per layer, to
-    `normalized`. `step` replaces `_chunk_forward` (by its compiled twin). With `restarts`, the rows flagged for
-    a chunk start it from `reset_states` (stacked like `states`) and aim at their column lengths from then on."""
-    step = step or _chunk_forward
+    `normalized`. `step` replaces the chunk step (by its compiled twin): `_chunk_forward`, or with `normalize`
+    and grad mode off (the explicit backward's forward) `_normalized_chunk_forward`. With `restarts`, the rows
+    flagged for a chunk start it from `reset_states` (stacked like `states`) and aim at their column lengths from
+    then on."""
+    in_place = normalize and not torch.is_grad_enabled()
+    step = step or (_normalized_chunk_forward if in_place else _chunk_forward)
     targets = [column_norms(_top(s)) for s in states] if normalize else None
     reset_targets = [column_norms(_top(s)) for s in reset_states] if normalize else None
     outputs = []
@@ -231,21 +234,40 @@ def _forward_chunks(
         if restarts is not None and n in restarts.chunks:
             states = _restarted(states, reset_states, restarts.starts[:, n])
             targets = _restarted(targets, reset_targets, restarts.starts[:, n]) if normalize else None
-        z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
+        if in_place:
+            z, new_states, kept, norms = step(act, retrieve, polyak, states, targets, *chunk)
+        else:
+            z, new_states, kept = step(act, retrieve, polyak, states, *chunk)
+            if normalize:  # backward="autograd": out of place, autograd keeps the norms' inputs
+                norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
+                new_states = [_with_top(s, _top(s) * (t / r)) for s, t, r in zip(new_states, targets, norms)]
         outputs.append(z)
         if saved is not None:
             saved.append(kept)
-        if normalize:
-            norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
-            if torch.is_grad_enabled():  # backward="autograd": out of place, autograd keeps the norms' inputs
-                new_states = [_with_top(s, _top(s) * (t / r)) for s, t, r in zip(new_states, targets, norms)]
-            else:  # the explicit backward's forward: the step's fresh end states, scaled in place
-                for s, t, r in zip(new_states, targets, norms):
-                    _top(s).mul_(t / r)
-            if normalized is not None:
-                normalized.append((targets, norms))
+        if normalize and normalized is not None:
+            normalized.append((targets, norms))
         states = new_states
     return torch.stack(outputs, dim=1), states
+
+
+def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, targets: list, *chunk):
+    """`_chunk_forward`, then every end W_l's columns rescaled in place to `targets` [BH, 1, out_l]; also returns
+    their clamped lengths before (the backward's r). One step, so torch.compile fuses the rescaling into it."""
+    z, new_states, kept = _chunk_forward(act, retrieve, polyak, states, *chunk)
+    norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
+    for s, t, r in zip(new_states, targets, norms):
+        _top(s).mul_(t / r)
+    return z, new_states, kept, norms
+
+
+def _normalized_chunk_backward(act: Activation, retrieve: str, polyak: bool, s: "_Intermediates", chunk: list, dy,
+                               d_ends: list, ends: list, targets: list, lengths: list):
+    """`_chunk_backward` of `_normalized_chunk_forward`: d_ends (of the rescaled end states, changed in place)
+    first through the rescaling (`_renormalized_backward_`, given the rescaled ends and the lengths before), then
+    through the step. Returns (the step's input gradients, the start states' gradients, the targets' gradients)."""
+    d_targets = [_renormalized_backward_(_top(d), w, t, r) for d, w, t, r in zip(d_ends, ends, targets, lengths)]
+    chunk_grads, d_starts = _chunk_backward(act, retrieve, polyak, s, chunk, dy, d_ends)
+    return chunk_grads, d_starts, d_targets
 
 
 def _restarted(current: list, reset: list, start: torch.Tensor) -> list:
@@ -347,7 +369,8 @@ class _ChunkLoop(torch.autograd.Function):
         inputs, states, reset_states = tensors[:8], list(tensors[8 : 8 + depth]), list(tensors[8 + depth :])
         saved: list[_Intermediates] = []
         normalized: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        step = _compiled(_chunk_forward, inputs[0].device.type) if compiled else None
+        forward_step = _normalized_chunk_forward if normalize else _chunk_forward
+        step = _compiled(forward_step, inputs[0].device.type) if compiled else None
         y, end_states = _forward_chunks(
             ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, normalized, restarts,
             reset_states,
@@ -365,7 +388,8 @@ class _ChunkLoop(torch.autograd.Function):
         act, retrieve, saved, restarts = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates, ctx.restarts
         tensors = ctx.saved_tensors
         inputs, initial, reset_states = tensors[:8], tensors[8 : 8 + ctx.depth], tensors[8 + ctx.depth :]
-        step = _compiled(_chunk_backward, inputs[0].device.type) if ctx.compiled else _chunk_backward
+        backward_step = _normalized_chunk_backward if ctx.normalize else _chunk_backward
+        step = _compiled(backward_step, inputs[0].device.type) if ctx.compiled else backward_step
         d_states = [torch.zeros_like(s) if d is None else d for s, d in zip(saved[-1].states, d_end_states)]
         dy = torch.zeros_like(inputs[2][..., :1]).expand(*inputs[2].shape[:3], d_states[-1].shape[-1]) if dy is None else dy
         d_resets = [torch.zeros_like(r) for r in reset_states]
@@ -375,15 +399,18 @@ class _ChunkLoop(torch.autograd.Function):
             d_reset_targets = [torch.zeros_like(t) for t in d_targets] if reset_states else []
             d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
         for n in range(len(saved) - 1, -1, -1):
+            chunk = [t[:, n] for t in inputs]
             if ctx.normalize:
                 # Chunk n's normalised end is chunk n + 1's start, except in rows that restart there: their d_states
                 # are zero (`_restarted_backward_`), so whatever stands in for the end there contributes nothing.
                 ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
-                targets, lengths = ctx.normalized[n]
-                for d, w, t, r, d_t in zip(d_states, ends, targets, lengths, d_targets):
-                    d_t.add_(_renormalized_backward_(_top(d), w, t, r))
-            chunk = [t[:, n] for t in inputs]
-            chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
+                chunk_grads, d_states, d_step_targets = step(
+                    act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states, ends, *ctx.normalized[n]
+                )
+                for d_t, d_step in zip(d_targets, d_step_targets):
+                    d_t.add_(d_step)
+            else:
+                chunk_grads, d_states = step(act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states)
             for store, grad in zip(grads, chunk_grads):
                 store.append(grad)
             if restarts is not None and n in restarts.chunks:  # d_states are the step's own, d_targets ours
