@@ -7,7 +7,9 @@ from torch.utils._pytree import tree_flatten
 
 from titans_parallel import lm_loss
 from titans_parallel.model import TitansLM
-from tests.test_model import VARIANTS, make_model
+from parallel_harness import run_ranks
+from test_model import VARIANTS, make_model
+from test_train import _run_job
 
 MEMORY = dict(chunk_size=4, depth=2, expansion=2)
 
@@ -71,3 +73,32 @@ def test_memory_scan_keeps_its_intermediates_in_saved_tensors(memory):
         kept, _ = tree_flatten(list(vars(node).values()))
         assert not any(isinstance(leaf, torch.Tensor) for leaf in kept)
         assert len(node.saved_tensors) > len(node.next_functions)  # the inputs and the per-chunk intermediates
+
+
+def checkpointing_runs(tmp_path, world_size: int, zero_stage: int, steps: int) -> tuple[dict, dict]:
+    """(plain, checkpointed) losses and grad norms of the same job (fp32, the tiny MAC of test_train)."""
+    return tuple(
+        run_ranks(world_size, _run_job, {"train": {"zero_stage": zero_stage, "activation_checkpointing": on,
+                                                   "steps": steps},
+                                         "checkpoint": {"dir": str(tmp_path / str(on))}}, timeout=600)[0]
+        for on in (False, True)
+    )
+
+
+def assert_same_run(plain: dict, checkpointed: dict) -> None:
+    for key in ("losses", "grad_norms"):
+        for a, b in zip(checkpointed[key], plain[key], strict=True):
+            assert abs(a - b) <= 1e-6 * abs(b), (key, checkpointed[key], plain[key])
+
+
+def test_checkpointed_job_trains_like_the_plain_one(tmp_path):
+    """train.activation_checkpointing=true on one rank (ZeRO-1): the same losses and grad norms over 4 steps."""
+    assert_same_run(*checkpointing_runs(tmp_path, 1, 1, steps=4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_checkpointed_job_trains_like_the_plain_one_under_zero(tmp_path, zero_stage):
+    """DP=2 under ZeRO-2 and ZeRO-3 (whose parameter gathers are module hooks, run again by the recompute), 10
+    steps."""
+    assert_same_run(*checkpointing_runs(tmp_path, 2, zero_stage, steps=10))
