@@ -131,6 +131,7 @@ class TrainConfig:
     eval_tasks: list[EvalTaskConfig] = field(default_factory=list)  # scored with each validation (needs the loader)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss/grad norm: stop (exit 1) or skip that update
     max_skipped_steps: int = 10  # on_nonfinite=skip: stop at the first bad step beyond this many skipped ones
+    activation_checkpointing: bool = False  # recompute each block in backward: less activation memory, ~1 more fwd
 
     def __post_init__(self):
         _at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "eval_batches")

@@ -90,7 +90,7 @@ def startup_lines(config: JobConfig, dims, counts: ParameterCounts, tokens_per_s
         f"{_millions(counts.dense)} in matmuls for the FLOP count)",
         f"layout: {dims.dp_size * dims.tp_size} ranks = dp {dims.dp_size} x tp {dims.tp_size}"
         f"{' (sequence parallel)' if config.parallel.sequence_parallel else ''}, ZeRO-{train.zero_stage}, "
-        f"{train.precision}, {backend}",
+        f"{train.precision}, {backend}{', activation checkpointing per block' if train.activation_checkpointing else ''}",
         f"tokens/step: {tokens_per_step:,} = micro_batch {train.micro_batch_size} x grad_accum {train.grad_accum} "
         f"x dp {dims.dp_size} x seq_len {config.data.seq_len}; {train.steps} steps = "
         f"{_millions(tokens_per_step * train.steps)} tokens",

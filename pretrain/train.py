@@ -145,6 +145,7 @@ def _train(config: JobConfig, dims: ParallelDims, batches: BatchSource | None, r
     due, preemption."""
     resume = resume_point(config, resume_from, reset_data_position)
     model = TitansLM(config.model, dims)
+    model.activation_checkpointing = config.train.activation_checkpointing
     register_sequence_parallel_grad_hooks(model, dims)
     built = build_engine(config, model, load_universal=resume is not None and resume.relayout)
     engine, scheduler = built.engine, built.scheduler

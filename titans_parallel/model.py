@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import Block, RMSNorm
 from .config import ModelConfig
@@ -56,6 +57,10 @@ class TitansLM(nn.Module):
 
     `parallel`: this rank's place in the TP x DP layout (`init_parallel`'s result), kept as `self.parallel`; the
     default is a single rank, which needs no process group.
+
+    `activation_checkpointing` (False; the training job sets it): with grad enabled and no cache coming in, each
+    block keeps only its input and is recomputed in backward (non-reentrant `torch.utils.checkpoint`), so module
+    hooks such as ZeRO-3's gather run again; same values and gradients, parameters and names unchanged.
     """
 
     def __init__(self, config: ModelConfig, parallel: ParallelDims = SINGLE_RANK):
@@ -70,6 +75,7 @@ class TitansLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps, parallel)
         self.output = column_parallel_linear(config.dim, config.vocab_size, bias=False, parallel=parallel,
                                              init_method=init)
+        self.activation_checkpointing = False
         if config.tie_embeddings:  # both are [vocab / tp, dim], split alike over TP
             self.output.weight = self.tok_embeddings.weight
 
@@ -116,7 +122,10 @@ class TitansLM(nn.Module):
         x = self.tok_embeddings(input_ids)  # under sequence parallel: this rank's [B, T / tp, dim]
         new_caches = []
         for layer, layer_cache in zip(self.layers, caches):
-            x, layer_cache = layer(x, layer_cache)
+            if self.activation_checkpointing and layer_cache is None and torch.is_grad_enabled():
+                x, layer_cache = checkpoint(layer, x, None, use_reentrant=False)
+            else:
+                x, layer_cache = layer(x, layer_cache)
             new_caches.append(layer_cache)
         return self.output(self.norm(x)), new_caches
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .grid import ChunkGrid
 from .state import (
@@ -42,6 +43,7 @@ from .state import (
 )
 
 BACKWARD_MODES = ("explicit", "autograd")
+_SAVED = object()  # marks a tensor leaf of what `_ChunkLoop` keeps, stored through save_for_backward
 
 
 class ChunkCoefficients(NamedTuple):
@@ -375,18 +377,20 @@ class _ChunkLoop(torch.autograd.Function):
             ACTIVATIONS[activation], retrieve, polyak, normalize, inputs, states, saved, step, normalized, restarts,
             reset_states,
         )
-        ctx.activation, ctx.retrieve, ctx.compiled, ctx.intermediates = activation, retrieve, compiled, saved
-        ctx.polyak, ctx.normalize, ctx.normalized = polyak, normalize, normalized
-        ctx.restarts, ctx.depth = restarts, depth
-        ctx.end_weights = [_top(s).clone() for s in end_states] if normalize else None
-        ctx.save_for_backward(*tensors)
+        ctx.activation, ctx.retrieve, ctx.compiled, ctx.polyak, ctx.normalize = (activation, retrieve, compiled,
+                                                                                 polyak, normalize)
+        ctx.restarts, ctx.depth, ctx.n_tensors = restarts, depth, len(tensors)
+        end_weights = [_top(s).clone() for s in end_states] if normalize else None
+        leaves, ctx.kept_spec = tree_flatten((saved, normalized, end_weights))
+        ctx.kept_others = [_SAVED if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        ctx.save_for_backward(*tensors, *(leaf for leaf in leaves if isinstance(leaf, torch.Tensor)))
         return (y, *end_states)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *d_end_states):
-        act, retrieve, saved, restarts = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.intermediates, ctx.restarts
-        tensors = ctx.saved_tensors
+        act, retrieve, restarts = ACTIVATIONS[ctx.activation], ctx.retrieve, ctx.restarts
+        tensors, saved, normalized, end_weights = _kept(ctx)
         inputs, initial, reset_states = tensors[:8], tensors[8 : 8 + ctx.depth], tensors[8 + ctx.depth :]
         backward_step = _normalized_chunk_backward if ctx.normalize else _chunk_backward
         step = _compiled(backward_step, inputs[0].device.type) if ctx.compiled else backward_step
@@ -395,7 +399,7 @@ class _ChunkLoop(torch.autograd.Function):
         d_resets = [torch.zeros_like(r) for r in reset_states]
         grads = [[] for _ in inputs]
         if ctx.normalize:  # d_targets: the gradient of the targets in force (the call's start, then the resets')
-            d_targets = [torch.zeros_like(t) for t in ctx.normalized[-1][0]]
+            d_targets = [torch.zeros_like(t) for t in normalized[-1][0]]
             d_reset_targets = [torch.zeros_like(t) for t in d_targets] if reset_states else []
             d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
         for n in range(len(saved) - 1, -1, -1):
@@ -403,9 +407,9 @@ class _ChunkLoop(torch.autograd.Function):
             if ctx.normalize:
                 # Chunk n's normalised end is chunk n + 1's start, except in rows that restart there: their d_states
                 # are zero (`_restarted_backward_`), so whatever stands in for the end there contributes nothing.
-                ends = ctx.end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
+                ends = end_weights if n == len(saved) - 1 else [_top(st) for st in saved[n + 1].states]
                 chunk_grads, d_states, d_step_targets = step(
-                    act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states, ends, *ctx.normalized[n]
+                    act, retrieve, ctx.polyak, saved[n], chunk, dy[:, n], d_states, ends, *normalized[n]
                 )
                 for d_t, d_step in zip(d_targets, d_step_targets):
                     d_t.add_(d_step)
@@ -420,8 +424,17 @@ class _ChunkLoop(torch.autograd.Function):
         if ctx.normalize:  # the targets are column norms of the start and reset weights
             for d, st, d_t in zip(d_states + d_resets, initial + reset_states, d_targets + d_reset_targets):
                 _column_norms_backward_(_top(d), _top(st), d_t)
-        ctx.intermediates = ctx.normalized = ctx.end_weights = ctx.restarts = None
         return (None,) * 6 + (*(torch.stack(g[::-1], dim=1) for g in grads), *d_states, *d_resets)
+
+
+def _kept(ctx) -> tuple[tuple, list, list, list | None]:
+    """What `_ChunkLoop.forward` kept: (its tensors, the per-chunk `_Intermediates`, the normalisation
+    (targets, lengths) per chunk, the end weights), all through `saved_tensors`, so that a non-reentrant activation
+    checkpoint frees them after the forward and recomputes them in backward."""
+    stored = ctx.saved_tensors
+    kept = iter(stored[ctx.n_tensors :])
+    leaves = [next(kept) if leaf is _SAVED else leaf for leaf in ctx.kept_others]
+    return (stored[: ctx.n_tensors], *tree_unflatten(leaves, ctx.kept_spec))
 
 
 def _renormalized_backward_(
