@@ -5,6 +5,7 @@ loop reads.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import JobConfig
-from pretrain.data import TokenLoader, build_loader, prepare_default_dataset
+from pretrain.data import ManifestError, TokenLoader, build_loader, prepare_default_dataset, read_manifest
 from pretrain.data.default import default_dataset_dir
 from titans_parallel.parallel import ParallelDims
 
@@ -31,6 +32,17 @@ def dataset_root(config: JobConfig) -> Path:
                                 progress=sys.stderr.isatty())
     dist.barrier()
     return default_dataset_dir(config.model.vocab_size, config.data.seq_len)
+
+
+def with_dataset_eos_id(config: JobConfig, root: Path) -> JobConfig:
+    """`config` with model.eos_id taken from the dataset's manifest when model.document_reset needs it and the
+    recipe leaves it unset (the same config otherwise)."""
+    if not config.model.document_reset or config.model.eos_id is not None:
+        return config
+    eos_id = read_manifest(root).get("eos_id")
+    if eos_id is None:
+        raise ManifestError(f"{root}/manifest.json has no eos_id, which model.document_reset needs: set model.eos_id")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, eos_id=int(eos_id)))
 
 
 def build_job_loader(config: JobConfig, dims: ParallelDims, root: Path, split: Literal["train", "val"] = "train"

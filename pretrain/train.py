@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import checkpoint
-from pretrain.batches import BatchSource, build_job_loader, dataset_root, loader_batches
+from pretrain.batches import BatchSource, build_job_loader, dataset_root, loader_batches, with_dataset_eos_id
 from pretrain.config import JobConfig, load_job_config, run_cli
 from pretrain.data import TokenLoader
 from pretrain.denormals import flush_denormals
@@ -143,6 +143,8 @@ def _train(config: JobConfig, dims: ParallelDims, batches: BatchSource | None, r
            reset_data_position: bool = False) -> TrainResult:
     """Build, resume, then the loop: a step, its log line, the divergence check, evaluation and checkpoint when
     due, preemption."""
+    if batches is None:
+        config = with_dataset_eos_id(config, dataset_root(config))
     resume = resume_point(config, resume_from, reset_data_position)
     model = TitansLM(config.model, dims)
     model.activation_checkpointing = config.train.activation_checkpointing

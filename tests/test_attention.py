@@ -358,3 +358,54 @@ def test_layer_window_limits_context():
     assert torch.equal(layer(x_far, prefix)[0][:, 10], out[:, 10])
     assert not torch.allclose(layer(x_near, prefix)[0][:, 10], out[:, 10])
     assert not torch.allclose(layer(x, prefix + 1.0)[0][:, 10], out[:, 10])
+
+
+def _documents(resets: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(resets.long(), dim=-1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("companion", [False, True])
+@pytest.mark.parametrize("window", [3, 4, None])
+def test_documents_attend_as_if_alone(backend, companion, window):
+    """With document ids, every document's outputs (and, but for flex on CPU, gradients) are those of a call on
+    that document alone (prefix included), for documents shorter and longer than the window; T = 13 >= 2 window
+    takes sdpa's query blocks, T alone its dense mask."""
+    T = 13
+    q, k, v, pk, pv = _inputs(T, T, 2)
+    ck, cv = _companions(T, companion)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    resets[0, [5, 6, 11]] = True  # a one-token document, and one of two tokens at the end
+    resets[1, 3] = True
+    inputs = [t.requires_grad_(backend != "flex") for t in (q, k, v, pk, pv, ck, cv) if t is not None]
+    out = sliding_window_attention(q, k, v, window, pk, pv, backend, companion_k=ck, companion_v=cv,
+                                   documents=_documents(resets))
+    weight = torch.randn(out.shape, dtype=torch.float64)
+    loss_ref = 0
+    for b in range(B):
+        bounds = [0, *resets[b].nonzero().flatten().tolist(), T]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            part = lambda t: None if t is None else t[b : b + 1, :, s:e]  # noqa: E731
+            ref = sliding_window_attention(part(q), part(k), part(v), window, pk[b : b + 1], pv[b : b + 1], "naive",
+                                           companion_k=part(ck), companion_v=part(cv))
+            torch.testing.assert_close(out[b : b + 1, :, s:e], ref, rtol=0, atol=1e-10)
+            loss_ref = loss_ref + (ref * weight[b : b + 1, :, s:e]).sum()
+    if backend != "flex":  # torch has no CPU flex backward
+        for g, g_ref in zip(torch.autograd.grad((out * weight).sum(), inputs), torch.autograd.grad(loss_ref, inputs)):
+            torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+
+
+def test_layer_with_resets_restarts_rope_and_returns_no_cache():
+    """The layer's document reset: the second document's outputs equal the layer run on it alone (RoPE positions
+    restart, the prefix is seen again); no cache comes back, and resets with a cache are refused."""
+    torch.manual_seed(0)
+    layer = Attention(16, 2, 8, window=4, backend="sdpa").double()
+    x, prefix = torch.randn(1, 11, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    resets = torch.zeros(1, 11, dtype=torch.bool)
+    resets[0, 6] = True
+    out, cache = layer(x, prefix=prefix, resets=resets)
+    assert cache is None
+    torch.testing.assert_close(out[:, 6:], layer(x[:, 6:], prefix=prefix)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[:, :6], layer(x[:, :6], prefix=prefix)[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="start of a sequence"):
+        layer(x, prefix=prefix, cache=layer(x)[1], resets=resets)

@@ -6,6 +6,8 @@ visible to the query at p iff j <= p and p - j < window (window=None: every j <=
 query itself and W - 1 earlier keys. Prefix keys [B, H, P, d] (persistent tokens) are visible to every query.
 Companion keys [B, H, Tk, d] (in MAC the retrieved memory tokens h_j = memory(q_j)) share the sequence keys'
 positions: companion key j is visible exactly when key j is. One softmax runs over all visible keys jointly.
+Packed documents (`documents` [B, Tk], each key position's document id): key j is visible to the query at p only
+when both lie in the same document as well; the prefix stays visible to every query.
 
 Backends: "naive" (explicit scores/mask/softmax in the input dtype; the spec), "sdpa" (torch SDPA with a boolean
 mask), "flex" (FlexAttention with a block mask), "flash" (flash-attn >= 2.7 sliding-window kernels, the prefix and
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from titans_parallel.documents import document_ids, document_positions
 from titans_parallel.parallel import (
     SINGLE_RANK,
     ParallelDims,
@@ -123,11 +126,13 @@ def sliding_window_attention(
     scale: float | None = None,
     companion_k: torch.Tensor | None = None,
     companion_v: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention with a fully visible prefix and companion keys (rule in the module docstring).
 
     q [B, H, Tq, d]; k, v [B, H, Tk, d] with Tk >= Tq; prefix_k, prefix_v [B, H, P, d] or None; companion_k,
-    companion_v shaped like k, v or None. scale defaults to d^-1/2. Returns [B, H, Tq, d].
+    companion_v shaped like k, v or None; documents [B, Tk] (integer document id of each key position, the queries
+    at the last Tq) or None. scale defaults to d^-1/2. Returns [B, H, Tq, d].
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if kv_len < q_len:
@@ -142,8 +147,15 @@ def sliding_window_attention(
             f"companion_k, companion_v must have the shapes of k, v {tuple(k.shape)}, {tuple(v.shape)}, "
             f"got {tuple(companion_k.shape)}, {tuple(companion_v.shape)}"
         )
+    if documents is not None and documents.shape != (q.shape[0], kv_len):
+        raise ValueError(f"documents must be [B, Tk] = {(q.shape[0], kv_len)}, got {tuple(documents.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = resolve_attention_backend(backend, q.device, q.dtype)
+    requested, backend = backend, resolve_attention_backend(backend, q.device, q.dtype)
+    if backend == "flash" and documents is not None and requested == "auto":
+        backend = "flex"
+    if backend == "flash" and documents is not None:
+        raise ValueError("attention backend 'flash' does not take document resets (its varlen kernels are not wired "
+                         "in); use model.attention_backend 'flex' or 'sdpa'")
     if backend == "flash":
         if q.dtype not in _FLASH_DTYPES or q.shape[-1] % 8 or q.shape[-1] > 256:
             raise ValueError(
@@ -155,27 +167,44 @@ def sliding_window_attention(
     prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
     companion = companion_k is not None
     if backend == "sdpa" and window is not None and q_len >= 2 * window:
-        return _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale)
+        return _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale, documents)
     k = torch.cat([t for t in (prefix_k, companion_k, k) if t is not None], dim=-2)
     v = torch.cat([t for t in (prefix_v, companion_v, v) if t is not None], dim=-2)
     if backend == "flex":
-        block_mask = _flex_block_mask(prefix_len, q_len, kv_len, window, companion, q.device)
+        if documents is None:
+            block_mask = _flex_block_mask(prefix_len, q_len, kv_len, window, companion, q.device)
+        else:
+            block_mask = _flex_document_mask(prefix_len, q_len, kv_len, window, companion, documents)
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=block_mask, scale=scale)
     mask = visibility_mask(q_len, kv_len, prefix_len, window, q.device, companion)
+    if documents is not None:  # [B, 1, Tq, keys]
+        mask = mask & _same_document(documents, documents[:, kv_len - q_len :], prefix_len, companion)[:, None]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = (q @ k.transpose(-2, -1)) * scale
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
 
 
-def _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale) -> torch.Tensor:
+def _same_document(key_docs: torch.Tensor, query_docs: torch.Tensor, prefix_len: int, companion: bool
+                   ) -> torch.Tensor:
+    """[..., Tq, keys] bool: key in the query's document, over keys [prefix (always) || companion || sequence];
+    key_docs [..., Tk], query_docs [..., Tq]."""
+    same = key_docs[..., None, :] == query_docs[..., :, None]
+    prefix = same.new_ones(*same.shape[:-1], prefix_len)
+    return torch.cat([prefix, same, same] if companion else [prefix, same], dim=-1)
+
+
+def _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v, scale, documents=None
+                  ) -> torch.Tensor:
     """The sdpa backend in O(T window): queries in blocks of `window`, each against only the keys it can see.
 
     Block n holds the queries at positions off + n W .. off + (n + 1) W - 1 (off = Tk - Tq) and sees the
     2 W - 1 key positions ending at its last query (`_key_blocks`), plus the prefix; query r of a block sees
     block keys c with r <= c <= r + W - 1 that are real (position >= 0), companion keys likewise. Padded query rows
-    (after the last query) see their own position, so no softmax row is empty; they are dropped.
+    (after the last query) see their own position, so no softmax row is empty; they are dropped. With `documents`
+    the ids are blocked like the keys (shifted by one, so the zero padding of queries and keys is a document of its
+    own) and the mask becomes per row, [B, 1, N, W, keys].
     """
     B, H, q_len, d = q.shape
     offset, n_blocks = k.shape[-2] - q_len, -(-q_len // window)
@@ -185,11 +214,16 @@ def _blocked_sdpa(q, k, v, window, prefix_k, prefix_v, companion_k, companion_v,
     c = torch.arange(span, device=q.device)[None, :]
     first_key = offset + window * torch.arange(n_blocks, device=q.device)[:, None, None] - (window - 1)
     band = (c >= r) & (c <= r + window - 1) & (first_key + c >= 0)  # [N, W, 2W - 1]
+    if documents is not None:
+        ids = documents[:, None, :, None] + 1
+        query_ids = F.pad(ids[:, 0, offset:, 0], (0, n_blocks * window - q_len)).view(B, n_blocks, window)
+        key_ids = _key_blocks(ids, window, offset, n_blocks)[:, 0, :, :, 0]  # [B, N, 2W - 1]
+        band = (band & (key_ids[:, :, None, :] == query_ids[..., None]))[:, None]  # [B, 1, N, W, 2W - 1]
     keys, values, masks = [], [], []
     if prefix_k is not None:
         keys.append(prefix_k[:, :, None].expand(-1, -1, n_blocks, -1, -1))
         values.append(prefix_v[:, :, None].expand(-1, -1, n_blocks, -1, -1))
-        masks.append(band.new_ones(n_blocks, window, prefix_k.shape[-2]))
+        masks.append(band.new_ones(*band.shape[:-1], prefix_k.shape[-2]))
     for part_k, part_v in ((companion_k, companion_v), (k, v)):
         if part_k is not None:
             keys.append(_key_blocks(part_k, window, offset, n_blocks))
@@ -216,6 +250,22 @@ def _flex_block_mask(
 ) -> BlockMask:
     mask_mod = _make_mask_mod(prefix_len, q_len, kv_len, window)
     return create_block_mask(mask_mod, None, None, q_len, _num_keys(prefix_len, kv_len, companion), device=device)
+
+
+def _flex_document_mask(prefix_len: int, q_len: int, kv_len: int, window: int | None, companion: bool,
+                        documents: torch.Tensor) -> BlockMask:
+    """The block mask of `_make_mask_mod`'s rule within documents [B, Tk] (built per call: it depends on them)."""
+    visible = _make_mask_mod(prefix_len, q_len, kv_len, window)
+    offset = kv_len - q_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = kv_idx - prefix_len
+        j = torch.where(j >= kv_len, j - kv_len, j).clamp(min=0)
+        same = documents[b, j] == documents[b, q_idx + offset]
+        return visible(b, h, q_idx, kv_idx) & ((kv_idx < prefix_len) | same)
+
+    keys = _num_keys(prefix_len, kv_len, companion)
+    return create_block_mask(mask_mod, documents.shape[0], None, q_len, keys, device=documents.device)
 
 
 @functools.cache
@@ -374,7 +424,8 @@ class Attention(nn.Module):
         prefix: torch.Tensor | None = None,
         cache: KVCache | None = None,
         companion: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
+        resets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         """x [B, T, dim]; prefix [B, P, dim] or [P, dim] (shared by the batch; the same on every TP rank); cache from
         the previous call or None; companion [B, T, dim] or None: token t's companion, a key/value seen exactly when
         token t is. (x, companion and out are [B, T/tp, dim] sequence shards under sequence parallel, see the class.)
@@ -383,6 +434,10 @@ class Attention(nn.Module):
         computed); pass it back to continue the sequence: feeding a sequence in pieces (chunked prefill, then one
         token at a time) gives the same outputs as one call over the whole sequence. The prefix is not cached:
         pass it on every call. Companions are cached with their tokens: pass them on every call or on none.
+
+        resets [B, T] bool (packed documents, True where one starts; only from the start of a sequence, cache None):
+        every document attends as if the sequence began there (its own keys, RoPE positions counted from its first
+        token, the prefix); no cache is returned (None).
         """
         if companion is not None and companion.shape != x.shape:
             raise ValueError(f"companion must have x's shape {tuple(x.shape)}, got {tuple(companion.shape)}")
@@ -391,10 +446,16 @@ class Attention(nn.Module):
                 f"companion {'not ' if companion is None else ''}given, but the cache was built "
                 f"{'with' if companion is None else 'without'} companions: pass them on every call or on none"
             )
+        if resets is not None and cache is not None:
+            raise ValueError("document resets are only taken from the start of a sequence (cache None)")
         q = self._heads(self.wq(x))  # the full sequence: under sequence parallel wq gathers it
         batch, _, seq_len, _ = q.shape
         start = 0 if cache is None else cache.pos
-        cos, sin = rope_angles(torch.arange(start, start + seq_len, device=x.device), self.head_dim, self.rope_base)
+        if resets is None:
+            positions = torch.arange(start, start + seq_len, device=x.device)
+        else:
+            positions = document_positions(resets)[:, None]  # [B, 1, T]: per row, broadcast over the heads
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
         q = apply_rope(q, cos, sin)
         kv = self._rotated_keys_values(x, cos, sin)
         kv += [None, None] if companion is None else self._rotated_keys_values(companion, cos, sin)
@@ -409,10 +470,13 @@ class Attention(nn.Module):
             prefix_k = self._heads(apply_to_replicated(self.wk, prefix)).expand(batch, -1, -1, -1)
             prefix_v = self._heads(apply_to_replicated(self.wv, prefix)).expand(batch, -1, -1, -1)
 
+        documents = None if resets is None else document_ids(resets)
         y = sliding_window_attention(
-            q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv
+            q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv, documents=documents
         )
         out = self.wo(y.transpose(1, 2).flatten(2))
+        if resets is not None:
+            return out, None
 
         n = k.shape[2]
         first = 0 if self.window is None else max(0, n - (self.window - 1))

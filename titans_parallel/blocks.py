@@ -2,6 +2,8 @@
 
 Every mixer maps x [B, T, dim] and its cache (None at the start of a sequence) to (out [B, T, dim], cache), so
 feeding a sequence in pieces with the returned cache equals one pass (the basis of O(1)-per-token decoding).
+Packed documents: from the start of a sequence a mixer also takes resets [B, T] bool (True where a document starts)
+and runs every document as if the sequence began there; it then returns no cache (None).
 Persistent memory: `n_persistent` learned tokens P [Np, dim] per layer, an always-visible attention prefix, and
 the first tokens the memory reads (x~ = P || x).
 
@@ -27,7 +29,8 @@ from torch import nn
 
 from .attention import Attention, KVCache
 from .config import LAYER_KINDS, ModelConfig
-from .memory import NeuralMemory, NeuralMemoryCache
+from .memory import MemoryState, NeuralMemory, NeuralMemoryCache
+from .memory.grid import ChunkGrid
 from .parallel import (
     SINGLE_RANK,
     ParallelDims,
@@ -119,9 +122,9 @@ class AttentionMixer(nn.Module):
         self.attn = _attention(config, None if kind == "attn" else config.window, parallel)
         self.persistent = PersistentTokens(config) if kind == "swa" else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None, resets: torch.Tensor | None = None):
         prefix = self.persistent() if self.persistent is not None else None
-        return self.attn(x, prefix=prefix, cache=cache)
+        return self.attn(x, prefix=prefix, cache=cache, resets=resets)
 
 
 class MemoryMixer(nn.Module):
@@ -132,8 +135,8 @@ class MemoryMixer(nn.Module):
         self.persistent = PersistentTokens(config)
         self.memory = _memory(config, parallel)
 
-    def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None):
-        _, out, cache = self.memory.forward_prefixed(self.persistent.memory_prefix(cache), x, cache)
+    def forward(self, x: torch.Tensor, cache: NeuralMemoryCache | None, resets: torch.Tensor | None = None):
+        _, out, cache = self.memory.forward_prefixed(self.persistent.memory_prefix(cache), x, cache, resets)
         return out, cache
 
 
@@ -166,11 +169,14 @@ class MAGMixer(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, parallel)
         self.memory_norm = RMSNorm(config.dim, config.norm_eps, parallel)
 
-    def forward(self, x: torch.Tensor, cache: MAGCache | None):
+    def forward(self, x: torch.Tensor, cache: MAGCache | None, resets: torch.Tensor | None = None):
         memory_cache, attn_cache = (cache.memory, cache.attn) if cache is not None else (None, None)
-        y, attn_cache = self.attn(x, prefix=self.persistent(), cache=attn_cache)
-        _, m, memory_cache = self.memory.forward_prefixed(self.persistent.memory_prefix(memory_cache), x, memory_cache)
-        return self.attn_norm(y) * torch.sigmoid(self.memory_norm(m)), MAGCache(memory_cache, attn_cache)
+        y, attn_cache = self.attn(x, prefix=self.persistent(), cache=attn_cache, resets=resets)
+        _, m, memory_cache = self.memory.forward_prefixed(
+            self.persistent.memory_prefix(memory_cache), x, memory_cache, resets
+        )
+        out = self.attn_norm(y) * torch.sigmoid(self.memory_norm(m))
+        return out, None if resets is not None else MAGCache(memory_cache, attn_cache)
 
 
 class MALMixer(nn.Module):
@@ -185,15 +191,15 @@ class MALMixer(nn.Module):
         self.memory = _memory(config, parallel)
         self.attn = _attention(config, config.window, parallel)
 
-    def forward(self, x: torch.Tensor, cache: MALCache | None):
+    def forward(self, x: torch.Tensor, cache: MALCache | None, resets: torch.Tensor | None = None):
         memory_cache, attn_cache, prefix = (None, None, None) if cache is None else (cache.memory, cache.attn,
                                                                                       cache.prefix)
         persistent_out, y, memory_cache = self.memory.forward_prefixed(
-            self.persistent.memory_prefix(memory_cache), x, memory_cache
+            self.persistent.memory_prefix(memory_cache), x, memory_cache, resets
         )
-        prefix = prefix if persistent_out is None else persistent_out
-        out, attn_cache = self.attn(x + y, prefix=prefix, cache=attn_cache)
-        return y + out, MALCache(memory_cache, attn_cache, prefix)
+        prefix = prefix if persistent_out is None else persistent_out  # every document reads P from W_0: the same
+        out, attn_cache = self.attn(x + y, prefix=prefix, cache=attn_cache, resets=resets)
+        return y + out, None if resets is not None else MALCache(memory_cache, attn_cache, prefix)
 
 
 @dataclass
@@ -220,7 +226,10 @@ class MACMixer(nn.Module):
     product of two near-zero branches (docs/memory.md). The norms see the whole sequence on every TP rank, so their
     weights are not sequence-parallel.
     Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
-    returns its shard of the output; its attention and memory work on the full sequence (full_sequence)."""
+    returns its shard of the output; its attention and memory work on the full sequence (full_sequence).
+    Packed documents (resets): every document starts a segment of its own (the rows are laid out on a segment grid,
+    `ChunkGrid.from_resets`, a short last segment padded), and at a document's first segment its row's memory,
+    retrieval weights and conv tails restart from the initial state; the padding is dropped."""
 
     def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
@@ -231,17 +240,38 @@ class MACMixer(nn.Module):
         self.context_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
         self.gate_norm = RMSNorm(config.dim, config.norm_eps, full_sequence=True)
 
-    def forward(self, x: torch.Tensor, cache: MACCache | None):
+    def forward(self, x: torch.Tensor, cache: MACCache | None, resets: torch.Tensor | None = None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
         x = gather_from_sequence_parallel_region(x, self.parallel, tensor_parallel_output_grad=False)
+        if resets is None:
+            out, cache = self._segments(x, cache)
+        elif cache is not None:
+            raise ValueError("document resets are only taken from the start of a sequence (cache None)")
+        else:
+            B, T, dim = x.shape
+            grid = ChunkGrid.from_resets(resets, self.segment)
+            laid = grid.to_grid(x[:, None], 0.0).view(B, -1, dim)
+            out, cache = self._segments(laid, None, grid.starts)
+            out = grid.from_grid(out.view(B, grid.chunks, self.segment, dim), B, 1, T)[:, 0]
+            cache = None
+        return scatter_to_sequence_parallel_region(out, self.parallel), cache
+
+    def _segments(self, x: torch.Tensor, cache: MACCache | None, restarts: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, MACCache]:
+        """The segment loop over x [B, T, dim] (the full sequence) after `cache`; restarts [B, N] bool (x laid out
+        in whole segments, cache None): the rows whose memory restarts at segment n."""
+        initial = self.memory.initial_cache(x.shape[0]) if cache is None else None
         if cache is None:
-            memory_cache = self.memory.initial_cache(x.shape[0])
-            cache = MACCache(memory_cache, memory_cache.memory.weights, None, None, 0)
+            cache = MACCache(initial, initial.memory.weights, None, None, 0)
         memory_cache, read_weights, read_tail, attn_cache, offset = (
             cache.memory, cache.read_weights, cache.read_tail, cache.attn, cache.offset
         )
         outputs, start = [], 0
         while start < x.shape[1]:
+            if restarts is not None:
+                rows = restarts[:, start // self.segment]
+                memory_cache = _restarted_rows(memory_cache, initial, rows)
+                read_tail = None if read_tail is None else read_tail.masked_fill(rows.view(-1, 1, 1, 1, 1), 0)
             if offset == 0:
                 read_weights, attn_cache = memory_cache.memory.weights, None
             n = min(self.segment - offset, x.shape[1] - start)
@@ -253,8 +283,17 @@ class MACMixer(nn.Module):
             m, memory_cache = self.memory(segment + y, memory_cache)
             outputs.append(y * torch.sigmoid(self.gate_norm(m)))
             start, offset = start + n, (offset + n) % self.segment
-        out = scatter_to_sequence_parallel_region(torch.cat(outputs, dim=1), self.parallel)
-        return out, MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
+        return torch.cat(outputs, dim=1), MACCache(memory_cache, read_weights, read_tail, attn_cache, offset)
+
+
+def _restarted_rows(cache: NeuralMemoryCache, initial: NeuralMemoryCache, rows: torch.Tensor) -> NeuralMemoryCache:
+    """`cache` with the batch rows flagged in rows [B] back at `initial` (at a chunk boundary: nothing pending)."""
+    def pick(fresh: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows.view(-1, *(1,) * (old.dim() - 1)), fresh, old)
+
+    memory = MemoryState(tuple(map(pick, initial.memory.weights, cache.memory.weights)),
+                         tuple(map(pick, initial.memory.momentum, cache.memory.momentum)))
+    return NeuralMemoryCache(memory, cache.pending, pick(initial.conv_tail, cache.conv_tail))
 
 
 MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": MemoryMixer,
@@ -273,7 +312,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, parallel)
         self.ffn = SwiGLU(config.dim, config.ffn_hidden, config.init_std, residual_std(config), parallel=parallel)
 
-    def forward(self, x: torch.Tensor, cache=None):
-        h, cache = self.mixer(self.mixer_norm(x), cache)
+    def forward(self, x: torch.Tensor, cache=None, resets: torch.Tensor | None = None):
+        h, cache = self.mixer(self.mixer_norm(x), cache, resets)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), cache

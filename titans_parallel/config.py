@@ -65,6 +65,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_backend: Literal["auto", "naive", "sdpa", "flex", "flash"] = "auto"
     init_std: float = 0.02
+    # Packed documents: every mixer restarts at each eos_id token (it opens the next document), as if the sequence
+    # began there (docs/long_context.md). eos_id: the tokenizer's; the training job fills it from the dataset.
+    document_reset: bool = False
+    eos_id: int | None = None
 
     def __post_init__(self):
         for name in ("dim", "n_heads", "head_dim", "ffn_hidden", "window"):
@@ -89,6 +93,10 @@ class ModelConfig:
             raise ValueError(
                 f"MAC segment (window={self.window}) must be a multiple of memory.chunk_size={self.memory.chunk_size}"
             )
+        if self.eos_id is not None:
+            check(0 <= self.eos_id < self.vocab_size, "eos_id", f"must lie in [0, {self.vocab_size}), got {self.eos_id}")
+        check(not (self.document_reset and self.attention_backend == "flash"), "attention_backend",
+              "'flash' does not take document resets (model.document_reset); use 'flex' or 'sdpa'")
         if self.vocab_size < 2 or self.n_layers < 1 or self.n_persistent < 0:
             raise ValueError("vocab_size >= 2, n_layers >= 1 and n_persistent >= 0 are required")
 

@@ -61,10 +61,16 @@ class TitansLM(nn.Module):
     `activation_checkpointing` (False; the training job sets it): with grad enabled and no cache coming in, each
     block keeps only its input and is recomputed in backward (non-reentrant `torch.utils.checkpoint`), so module
     hooks such as ZeRO-3's gather run again; same values and gradients, parameters and names unchanged.
+
+    `config.document_reset`: every `config.eos_id` token opens a new document, and each document's logits are
+    those of the model run on it alone (from that EOS on), in `forward`, `loss`, `decode` and `stream`
+    (docs/long_context.md).
     """
 
     def __init__(self, config: ModelConfig, parallel: ParallelDims = SINGLE_RANK):
         super().__init__()
+        if config.document_reset and config.eos_id is None:
+            raise ValueError("model.document_reset needs model.eos_id (the tokenizer's EOS id)")
         self.config, self.parallel = config, parallel
         for name in ("n_heads", "vocab_size", "ffn_hidden"):
             tensor_parallel_share(getattr(config, name), name, parallel)
@@ -91,13 +97,16 @@ class TitansLM(nn.Module):
         training engine that calls the module gets the loss: `engine(input_ids, labels)`)."""
         if labels is not None:
             return self.loss(input_ids, labels, ignore_index)
+        if self.config.document_reset:  # no cache wanted: one pass, whatever the documents
+            return gather_from_tensor_parallel_region(self._logits(input_ids, None, self._resets(input_ids))[0],
+                                                      self.parallel)
         return self.decode(input_ids, None)[0]
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32 scalar) of input_ids [B, T] against labels [B, T], skipping labels
         equal to ignore_index. Under TP the vocabulary-parallel cross-entropy of the head's shards: the
         full-vocabulary logits are never formed. The same on every TP rank."""
-        logits, _ = self._logits(input_ids, None)
+        logits, _ = self._logits(input_ids, None, self._resets(input_ids))
         if not self.parallel.tp_enabled:
             return lm_loss(logits, labels, ignore_index)
         keep = labels != ignore_index
@@ -110,11 +119,49 @@ class TitansLM(nn.Module):
         Under sequence parallel only from the start of a sequence (cache None)."""
         if cache is not None and self.parallel.sequence_parallel:
             raise NotImplementedError("decoding from a cache under sequence parallel; build the model without it")
-        logits, cache = self._logits(input_ids, cache)
+        resets = self._resets(input_ids)
+        if resets is None:
+            logits, cache = self._logits(input_ids, cache)
+        else:
+            logits, cache = self._decode_documents(input_ids, cache, resets)
         return gather_from_tensor_parallel_region(logits, self.parallel), cache
 
-    def _logits(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
-        """(logits [B, T, vocab / tp] of this rank's vocabulary shard, new cache)."""
+    def _resets(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] bool, True at every EOS (each opens a document), or None without `config.document_reset`."""
+        return input_ids == self.config.eos_id if self.config.document_reset else None
+
+    def _decode_documents(self, input_ids: torch.Tensor, cache: list | None, resets: torch.Tensor
+                          ) -> tuple[torch.Tensor, list]:
+        """`decode` over packed documents. A cache holds one position for the whole batch, so the call is cut where
+        every row starts a document: each piece after a cut starts from no cache. A piece in which rows start
+        documents at different places runs in one pass without a cache; the last piece must not be one (the
+        cache after it would differ in shape between rows)."""
+        T = input_ids.shape[1]
+        common = resets.all(dim=0)
+        if cache is None:
+            common[0] = False
+        cuts = [0, *(c for c in common.nonzero().flatten().tolist() if c > 0), T]
+        logits = []
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            piece_cache = cache if start == 0 and not bool(common[0]) else None
+            inner = resets[:, start + 1 : end]
+            if not bool(inner.any()):
+                piece_logits, cache = self._logits(input_ids[:, start:end], piece_cache)
+            elif end < T and piece_cache is None:
+                piece_logits, _ = self._logits(input_ids[:, start:end], None, resets[:, start:end])
+            else:
+                raise ValueError(
+                    f"decode: the rows start documents (eos_id {self.config.eos_id}) at different positions in "
+                    f"tokens {start}..{end - 1} of this call, so no one cache can follow them; decode the rows "
+                    "separately, or call the model (no cache) for logits only"
+                )
+            logits.append(piece_logits)
+        return torch.cat(logits, dim=1), cache
+
+    def _logits(self, input_ids: torch.Tensor, cache: list | None, resets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list]:
+        """(logits [B, T, vocab / tp] of this rank's vocabulary shard, new cache). With resets [B, T] (cache
+        None) every document runs as if the sequence began at it, and the caches are None."""
         tp, seq_len = self.parallel.tp_size, input_ids.shape[1]
         if self.parallel.sequence_parallel and seq_len % tp:
             raise ValueError(f"sequence parallel needs T={seq_len} divisible by the tensor-parallel size {tp}")
@@ -123,9 +170,9 @@ class TitansLM(nn.Module):
         new_caches = []
         for layer, layer_cache in zip(self.layers, caches):
             if self.activation_checkpointing and layer_cache is None and torch.is_grad_enabled():
-                x, layer_cache = checkpoint(layer, x, None, use_reentrant=False)
+                x, layer_cache = checkpoint(layer, x, None, resets, use_reentrant=False)
             else:
-                x, layer_cache = layer(x, layer_cache)
+                x, layer_cache = layer(x, layer_cache, resets)
             new_caches.append(layer_cache)
         return self.output(self.norm(x)), new_caches
 
@@ -142,7 +189,10 @@ class TitansLM(nn.Module):
         """Yield the next token ids [B] of the prompt [B, T0], max_new_tokens times: the prompt is prefilled once,
         then each token is decoded from the caches (O(1) per token in the context length: attention keeps a window,
         the memory a fixed-size state), only when the next one is asked for. temperature 0 = greedy; top_k, top_p
-        as in `next_token_probs`. TP off only."""
+        as in `next_token_probs`. TP off only.
+        With `config.document_reset` a cache holds one position for all its rows, so rows whose current document
+        starts at different positions (an EOS in the prompt, or sampled) decode in groups of their own, one decode
+        call per group and step; every row's tokens are those of the row alone."""
         if self.parallel.tp_enabled:
             raise NotImplementedError(
                 "generate under tensor parallel (every rank would have to draw the same samples); build the model "
@@ -152,12 +202,35 @@ class TitansLM(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size}); got "
                              f"[{input_ids.min().item()}, {input_ids.max().item()}]")
-        logits, cache = self.decode(input_ids, None)
+        groups = [self._decode_group(rows, input_ids[rows], None) for rows in self._document_groups(input_ids)]
         for step in range(max_new_tokens):
-            nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
+            last = torch.cat([logits for _, _, logits in groups])[torch.cat([rows for rows, _, _ in groups]).argsort()]
+            nxt = sample_next_token(last, temperature, top_k, generator, top_p)
             yield nxt
             if step + 1 < max_new_tokens:
-                logits, cache = self.decode(nxt[:, None], cache)
+                groups = [group for rows, cache, _ in groups for group in self._decode_next(rows, nxt[rows], cache)]
+
+    def _document_groups(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Row indices [n] of input_ids [B, T] grouped by where their last document starts (all rows together
+        without `config.document_reset`)."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if not self.config.document_reset:
+            return [rows]
+        t = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_start = torch.where(input_ids == self.config.eos_id, t, -1).amax(dim=1)
+        return [rows[last_start == start] for start in last_start.unique()]
+
+    def _decode_next(self, rows: torch.Tensor, tokens: torch.Tensor, cache: list) -> list[tuple]:
+        """A group's next tokens [n] decoded: the group split where some of its rows start a document."""
+        parts = self._document_groups(tokens[:, None])
+        if len(parts) == 1:
+            return [self._decode_group(rows, tokens[:, None], cache)]
+        return [self._decode_group(rows[part], tokens[part, None], select_rows(cache, part)) for part in parts]
+
+    def _decode_group(self, rows: torch.Tensor, input_ids: torch.Tensor, cache: list | None) -> tuple:
+        """(rows, the cache after input_ids, the logits [n, vocab] of its last token)."""
+        logits, cache = self.decode(input_ids, cache)
+        return rows, cache, logits[:, -1]
 
     def generate(
         self,

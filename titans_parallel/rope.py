@@ -10,7 +10,8 @@ import torch
 def rope_angles(
     positions: torch.Tensor, head_dim: int, base: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [T, head_dim] (float32) for integer positions [T].
+    """cos, sin of shape [..., T, head_dim] (float32) for integer positions [..., T] (e.g. [T], or [B, T] when
+    every row has its own positions).
 
     Channel i and i + head_dim/2 share the frequency base^(-2i/head_dim). Angles are formed in float64 and
     rounded once, so long positions keep their precision.
@@ -18,7 +19,7 @@ def rope_angles(
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -29,6 +30,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., T, d] by cos, sin [T, d]; computed in at least float32, returned in x's dtype."""
+    """Rotate x [..., T, d] by cos, sin broadcastable to it ([T, d], or [B, 1, T, d] for x [B, H, T, d]); computed
+    in at least float32, returned in x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, cos.dtype))
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)

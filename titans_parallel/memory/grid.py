@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..documents import document_positions
+
 
 class ChunkGrid(NamedTuple):
     """The layout of B rows of T tokens in N chunks of C slots (docs/memory.md, "Document resets").
@@ -42,9 +44,7 @@ class ChunkGrid(NamedTuple):
         """The grid of a [B, T] reset mask (T > 0). One host sync: the number of chunks N (<= ceil(T / C) plus the
         most resets in a row), which sets the shapes of everything after it, and `restart_chunks`."""
         B, T = resets.shape
-        t = torch.arange(T, device=resets.device)
-        doc_start = torch.cummax(torch.where(resets | (t == 0), t, 0), dim=1).values
-        col = (t - doc_start) % C
+        col = document_positions(resets) % C
         chunk = torch.cumsum(col == 0, dim=1) - 1
         restarting = torch.zeros(T, dtype=torch.long, device=resets.device)  # chunk indices are < T
         restarting.scatter_reduce_(0, chunk.flatten(), resets.long().flatten(), "amax")

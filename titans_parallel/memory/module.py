@@ -28,6 +28,7 @@ from ..parallel import (
     tensor_parallel_parameter,
     tensor_parallel_share,
 )
+from ..documents import document_ids
 from .chunked import memory_scan
 from .state import MemoryState, memory_mlp
 
@@ -139,15 +140,26 @@ class NeuralMemory(nn.Module):
         tail = ref.new_zeros(batch_size, self.config.conv_kernel - 1, H, 3, d)
         return NeuralMemoryCache(MemoryState.from_weights(weights), pending, tail)
 
-    def _conv(self, u: torch.Tensor, tail: torch.Tensor, channels: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conv(self, u: torch.Tensor, tail: torch.Tensor, channels: slice, resets: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU on u [B, T, H, c, d] (projection channels `channels` of q, k, v) after
-        `tail` [B, K-1, H, c, d]; returns ([B, H, c, T, d], the new tail)."""
+        `tail` [B, K-1, H, c, d]; returns ([B, H, c, T, d], the new tail). With resets [B, T] bool a tap reaching
+        back across a document's first token reads zero, as at the start of a sequence."""
         B, T, H, c, d = u.shape
+        K = self.config.conv_kernel
         full = torch.cat([tail, u], dim=1)
-        weight = self.conv_weight[:, channels].reshape(-1, 1, self.config.conv_kernel)
-        out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
-        out = F.silu(out).view(B, H, c, d, T).transpose(-1, -2)
-        return out, full[:, full.shape[1] - (self.config.conv_kernel - 1) :]
+        if resets is None:
+            weight = self.conv_weight[:, channels].reshape(-1, 1, K)
+            out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
+            out = out.view(B, H, c, d, T).transpose(-1, -2)
+        else:  # tap i reads token t - (K - 1 - i), kept when it lies in token t's document
+            documents = document_ids(resets)
+            padded = F.pad(documents, (K - 1, 0))
+            weight = self.conv_weight[:, channels].to(u.dtype)
+            out = sum(full[:, i : i + T] * weight[..., i] * (padded[:, i : i + T] == documents)[..., None, None, None]
+                      for i in range(K))
+            out = out.permute(0, 2, 3, 1, 4)
+        return F.silu(out), full[:, full.shape[1] - (K - 1) :]
 
     def _gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
@@ -171,15 +183,20 @@ class NeuralMemory(nn.Module):
         return self(x, weights, conv_tail, entry="read")
 
     def forward_prefixed(
-        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache]:
+        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None = None,
+        resets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache | None]:
         """Read prefix [Np, dim] (the same for every batch row and TP rank, never a sequence shard: e.g. persistent
         tokens), then x [B, T, dim], as one sequence `prefix || x` continuing `cache`.
 
         Returns (out at the prefix [B, Np, dim], the same on every TP rank, or None without a prefix; out at x
         [B, T, dim], sharded like x; the cache after the last token).
+
+        resets [B, T] bool (packed documents, True where one starts; full-sequence, only with cache None): the
+        memory reads `prefix || document` for each document as if the sequence began there (W_0, zero momentum,
+        the prefix read again, the conv restarted; `_documents_layout`); no cache is returned (None).
         """
-        return self(prefix, x, cache, entry="update_prefixed")
+        return self(prefix, x, cache, resets, entry="update_prefixed")
 
     def _read(
         self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None
@@ -203,8 +220,11 @@ class NeuralMemory(nn.Module):
         return out, cache
 
     def _update_prefixed(
-        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache]:
+        self, prefix: torch.Tensor | None, x: torch.Tensor, cache: NeuralMemoryCache | None,
+        resets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, NeuralMemoryCache | None]:
+        if resets is not None and cache is not None:
+            raise ValueError("document resets are only taken from the start of a sequence (cache None)")
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
         B, T = proj.shape[:2]
@@ -215,13 +235,9 @@ class NeuralMemory(nn.Module):
         H, d, T = self.n_heads, self.head_dim, n + T
         cache = cache if cache is not None else self.initial_cache(B)
         proj = proj.view(B, T, H, 4, d)
-        qkv, tail = self._conv(proj[:, :, :, :3], cache.conv_tail, slice(0, 3))
-        q, k, v = qkv.unbind(2)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        theta, eta, alpha = torch.sigmoid(gates.view(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
-        theta = self.config.theta_max * theta
-        if not self.learning:
-            theta, alpha = torch.zeros_like(theta), torch.zeros_like(alpha)
+        if resets is not None:
+            return self._documents(proj, gates, n, resets, cache)
+        q, k, v, theta, eta, alpha, tail = self._scan_inputs(proj, gates, cache.conv_tail)
 
         p = cache.pending[0].shape[2]
         if p:  # the pending tokens re-enter the scan; their outputs were already returned
@@ -236,12 +252,49 @@ class NeuralMemory(nn.Module):
         y = y[:, :, p:]
         pending = tuple(t[:, :, boundary:] for t in (k, v, theta, eta, alpha))
 
+        prefix_out, out = self._output(y, proj, n)
+        return prefix_out, out, NeuralMemoryCache(memory, pending, tail)
+
+    def _scan_inputs(self, proj: torch.Tensor, gates: torch.Tensor, tail: torch.Tensor,
+                     resets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """proj [B, T, H, 4, d] and gates [B, T, H * 3] after the conv tail -> (q, k, v [B, H, T, d]; theta, eta,
+        alpha [B, H, T]; the new conv tail)."""
+        B, T, H = proj.shape[:3]
+        qkv, tail = self._conv(proj[:, :, :, :3], tail, slice(0, 3), resets)
+        q, k, v = qkv.unbind(2)  # unbind, not indexing: its backward is one stack, not three zero-filled copies
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha = torch.sigmoid(gates.reshape(B, T, H, 3).permute(0, 2, 3, 1)).unbind(2)  # [B, H, T] each
+        theta = self.config.theta_max * theta
+        if not self.learning:
+            theta, alpha = torch.zeros_like(theta), torch.zeros_like(alpha)
+        return q, k, v, theta, eta, alpha, tail
+
+    def _output(self, y: torch.Tensor, proj: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The scan's outputs y [B, H, n + T, d] at `prefix || x` -> (out at the prefix [B, n, dim] or None, out at
+        x [B, T, dim])."""
         gated = self._gated(y, proj[:, :, :, 3])
         out = self.out_proj(gated[:, n:])
         prefix_out = apply_to_replicated(self.out_proj, gated[:, :n]) if n else None  # never reduce-scattered
-        return prefix_out, out, NeuralMemoryCache(memory, pending, tail)
+        return prefix_out, out
 
-    def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int):
+    def _documents(self, proj: torch.Tensor, gates: torch.Tensor, n: int, resets: torch.Tensor,
+                   start: NeuralMemoryCache) -> tuple[torch.Tensor | None, torch.Tensor, None]:
+        """`_update_prefixed` over packed documents: proj [B, n + T, H, 4, d], gates [B, n + T, H * 3] of
+        `prefix || x` are laid out with the prefix read again before every document (`_documents_layout`), the
+        conv and the scan restart there from `start` (the initial cache), and the outputs are read back at
+        `prefix || x`."""
+        B, T = resets.shape
+        index, layout_resets, slots = _documents_layout(resets, n)
+        rows = torch.arange(B, device=resets.device)[:, None]
+        laid = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, 1))[rows, index]  # noqa: E731  (padding: zeros)
+        q, k, v, theta, eta, alpha, _ = self._scan_inputs(laid(proj), laid(gates), start.conv_tail, layout_resets)
+        y, _ = self._scan(q, k, v, theta, eta, alpha, start.memory, 0, index.shape[1], layout_resets)
+        y = y.gather(2, slots[:, None, :, None].expand(-1, y.shape[1], -1, y.shape[-1]))
+        return (*self._output(y, proj, n), None)
+
+    def _scan(self, q, k, v, theta, eta, alpha, state: MemoryState, start: int, end: int, resets=None):
+        """The scan of tokens start .. end - 1 from `state`: (y [B, H, end - start, d], end state); with resets
+        [B, T] (True where a document starts) every document restarts from `state`."""
         if end == start:
             return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state
         s, c = slice(start, end), self.config
@@ -249,4 +302,34 @@ class NeuralMemory(nn.Module):
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
             chunk_size=c.chunk_size, retrieve=c.retrieve, activation=c.activation, compile=c.compile_scan,
             polyak_step=c.polyak_step, momentum_ema=c.momentum_ema, normalize_weights=c.normalize_weights,
+            resets=None if resets is None else resets[:, s], reset_state=state,
         )
+
+
+def _documents_layout(resets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the n prefix tokens and the T tokens of `prefix || x` go when the prefix is read again before every
+    document of a row (resets [B, T] bool; a reset at t = 0 changes nothing): row b becomes
+    P, doc_0, P, doc_1, ..., padded to the longest row, length n + T + n R (R: the most resets in a row; one host
+    sync for it).
+
+    Returns (index [B, L]: the entry of `prefix || x` at each slot, n + T for padding; layout_resets [B, L]: True
+    at the first slot of every prefix read again, where the memory restarts; slots [B, n + T]: the slot of each
+    entry's first occurrence).
+    """
+    B, T = resets.shape
+    resets = resets.clone()
+    resets[:, 0] = False
+    t = torch.arange(T, device=resets.device)
+    token_slots = n + t + n * torch.cumsum(resets.long(), dim=1)  # [B, T]
+    length = n + T + n * int(resets.sum(1).max())
+    index = torch.full((B, length), n + T, dtype=torch.long, device=resets.device)
+    index.scatter_(1, token_slots, (n + t).expand(B, T))
+    rows, cols = resets.nonzero(as_tuple=True)
+    starts = token_slots[rows, cols] - n  # the first slot of each prefix read again
+    j = torch.arange(n, device=resets.device)
+    index[rows[:, None], starts[:, None] + j] = j.expand(len(rows), n)
+    index[:, :n] = j
+    layout_resets = torch.zeros(B, length, dtype=torch.bool, device=resets.device)
+    layout_resets[rows, starts] = True
+    slots = torch.cat([j.expand(B, n), token_slots], dim=1)
+    return index, layout_resets, slots
