@@ -3,6 +3,7 @@
     python bench/model.py                         # D=256, 4 layers, segment/window 128, memory in layers 2 and 4
     python bench/model.py --seq 4096 --device cuda --no-peer
     python bench/model.py --seq 1024 4096 16384 --no-peer --compile off   # tokens/s against T, one run
+    python bench/model.py --no-peer --compile off --documents 4   # each variant also on packed rows, resets on
 
 Memory variants run eager and with `memory.compile_scan` (torch.compile of each chunk step; compiled in the
 warm-up round). The peer (pip install -r requirements-bench.txt) is built at matched size: dim 256, depth 4,
@@ -11,6 +12,7 @@ memory (depth-2 MLP, expansion 4) in layers 2 and 4, twice: with its defaults (m
 tokens = 144; batch_size=None, every inner gradient taken at the weights the call started from) and matched to what
 ours computes (memory chunk 16 with the paper's rule, batch_size = chunk). Our Titans variants
 use the same width, depth, window and memory; memory-free layers are SWA. All runs alternate round by round.
+`--documents N` also times every variant with `model.document_reset` on rows holding N EOS at random places.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from titans_parallel.config import MEMORY_KINDS
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
 
-def our_model(variant: str, compiled: bool, args) -> TitansLM:
+EOS = 2
+
+
+def our_model(variant: str, compiled: bool, args, document_reset: bool = False) -> TitansLM:
     """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does."""
     pattern = None
     if variant in MEMORY_KINDS and args.layers == 4:
@@ -35,7 +40,7 @@ def our_model(variant: str, compiled: bool, args) -> TitansLM:
     memory = MemoryConfig(chunk_size=args.chunk, depth=2, expansion=4, compile_scan=compiled)
     config = ModelConfig(
         vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, variant=variant,
-        layer_pattern=pattern, window=args.window, memory=memory,
+        layer_pattern=pattern, window=args.window, memory=memory, document_reset=document_reset, eos_id=EOS,
     )
     return TitansLM(config)
 
@@ -66,13 +71,18 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="memory variants' scan")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--documents", type=int, default=0, help="also time each variant on rows of N+1 documents")
     parser.add_argument("--keep-denormals", action="store_true", help="CPU: leave flush-to-zero off (pretrain/denormals.py)")
     args = parser.parse_args()
     if not args.keep_denormals:
         flush_denormals()
 
     torch.manual_seed(0)
-    ids = {T: torch.randint(0, args.vocab, (args.batch, T + 1), device=args.device) for T in args.seq}
+    ids = {T: torch.randint(EOS + 1, args.vocab, (args.batch, T + 1), device=args.device) for T in args.seq}
+    packed = {T: t.clone() for T, t in ids.items()}
+    for T, t in packed.items():
+        for row in t:
+            row[torch.randperm(T - 1)[: args.documents] + 1] = EOS
     print(f"shape: B={args.batch} T={','.join(map(str, args.seq))} D={args.dim} layers={args.layers} window/segment={args.window} "
           f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
@@ -81,6 +91,8 @@ def main() -> None:
         for compiled in modes if variant in MEMORY_KINDS else (False,):
             name = f"titans-parallel {variant}" + (" compiled" if compiled else "")
             models[name] = our_model(variant, compiled, args)
+            if args.documents:
+                models[f"{name}, {args.documents + 1} documents"] = our_model(variant, compiled, args, True)
     if not args.no_peer:
         models["lucidrains MAC, its defaults"] = peer_model(args, matched=False)
         models["lucidrains MAC, matched (chunk 16, paper rule)"] = peer_model(args, matched=True)
@@ -91,7 +103,8 @@ def main() -> None:
             return lambda: model(ids, return_loss=True).backward()
         return lambda: lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
 
-    steps = {(n, T): fwd_bwd(n, m, ids[T]) for n, m in models.items() for T in args.seq}
+    steps = {(n, T): fwd_bwd(n, m, (packed if n.endswith("documents") else ids)[T])
+             for n, m in models.items() for T in args.seq}
     seconds = interleaved_medians(steps, args.warmup, args.reps, args.device.startswith("cuda"))
     rates = {key: args.batch * key[1] / s for key, s in seconds.items()}
     lengths = "".join(f"{f'T={T}':>12s}" for T in args.seq)
