@@ -2,6 +2,10 @@
 
 `primitives`: the all-to-alls and gathers of `titans_parallel.parallel.context` on 2 gloo ranks, in float64,
 against slices of the full tensors and the analytic gradient of the same function on one rank.
+`cp_results`: TitansLM at CP=2 (2 ranks) against the single-process model built from the same seed, in float64:
+logits, loss and every parameter gradient (summed over CP) per variant, and the errors. `cp_tp_results`: CP=2 x
+TP=2 (4 ranks, with and without sequence parallel) against the same reference. Errors are max|a - b| / max|b|
+over full tensors (TP shards gathered). Labels include ignored positions (-100).
 """
 
 from __future__ import annotations
@@ -11,7 +15,18 @@ import torch
 import torch.distributed as dist
 
 from parallel_harness import run_ranks
-from titans_parallel.parallel import ParallelDims, destroy_parallel, init_parallel
+from test_model import tiny_config
+from test_parallel_layers import _full as _full_over_tp
+from test_parallel_layers import _rel
+from titans_parallel import TitansLM
+from titans_parallel.parallel import (
+    SINGLE_RANK,
+    ParallelDims,
+    destroy_parallel,
+    init_parallel,
+    register_sequence_parallel_grad_hooks,
+    sum_context_parallel_grads,
+)
 from titans_parallel.parallel.context import (
     context_parallel_mean,
     gather_heads,
@@ -98,3 +113,137 @@ def test_gradients_equal_single_rank(primitives):
 
 def test_init_parallel_context_groups(primitives):
     assert [r["init_parallel"] for r in primitives] == [(2, 0, 1, 0), (2, 1, 1, 0)]
+
+
+SEED = 1234
+B, T, VOCAB = 2, 20, 64  # 10-token CP shards; under CP x SP 5-token shards; memory chunks of 4 straddle them
+TOL = 1e-10  # float64 model: logits and gradients
+FP32_TOL = 1e-6  # the loss value is fp32 by design; under TP megatron's vocab-parallel cross-entropy's gradient too
+CASES = ("swa", "transformer", "lmm", "mag", "mal")
+
+
+def _config(case: str, **overrides):
+    return tiny_config(case, **{"vocab_size": VOCAB, "n_heads": 4, **overrides})
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(VOCAB, (B, T), generator=g), torch.randint(VOCAB, (B, T), generator=g)
+    labels[0, :3] = labels[1, -2:] = -100
+    return ids, labels
+
+
+def _full(t: torch.Tensor, param: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
+    return _full_over_tp(t, param, dims) if dims.tp_enabled else t
+
+
+def _run(case: str, dims: ParallelDims) -> dict:
+    """Build from SEED with `dims` (float64), full logits, then the loss, its backward, the SP hooks and the CP sum
+    as the training job has them. Returns logits, loss, and name -> (full value, full gradient, this rank's own
+    gradient before the CP sum)."""
+    ids, labels = _data()
+    torch.manual_seed(SEED)
+    model = TitansLM(_config(case), dims).double()
+    register_sequence_parallel_grad_hooks(model, dims)
+    with torch.no_grad():
+        logits = model(ids)
+    loss = model(ids, labels)
+    loss.backward()
+    own = {name: p.grad.clone() for name, p in model.named_parameters()}
+    sum_context_parallel_grads(model, dims)
+    params = {name: (_full(p.detach(), p, dims), _full(p.grad, p, dims), _full(own[name], p, dims))
+              for name, p in model.named_parameters()}
+    return {"logits": logits, "loss": loss.detach(), "params": params}
+
+
+def _compare(ours: dict, ref: dict) -> dict:
+    params = ours["params"]
+    return {
+        "logits": _rel(ours["logits"], ref["logits"]),
+        "loss": _rel(ours["loss"], ref["loss"]),
+        "values": {name: _rel(v, ref["params"][name][0]) for name, (v, _, _) in params.items()},
+        "grads": {name: _rel(g, ref["params"][name][1]) for name, (_, g, _) in params.items()},
+        "own grads": {name: _rel(o, ref["params"][name][1]) for name, (_, _, o) in params.items()},
+    }
+
+
+def _error_message(fn, *args) -> str:
+    try:
+        fn(*args)
+    except (ValueError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _model_suite(rank: int, world_size: int, tp: int, modes: tuple[bool, ...]) -> dict:
+    refs = {case: _run(case, SINGLE_RANK) for case in CASES}
+    results: dict = {}
+    for sp in modes:
+        dims = init_parallel(tp, cp=world_size // tp, sequence_parallel=sp, seed=SEED)
+        for case in CASES:
+            results[case, sp] = _compare(_run(case, dims), refs[case])
+        ids, labels = _data()
+        torch.manual_seed(SEED)
+        model = TitansLM(_config("mag"), dims)
+        results["errors", sp] = {
+            "heads": _error_message(TitansLM, _config("mag", n_heads=3 * tp, head_dim=8), dims),
+            "odd T": _error_message(model.loss, ids[:, :18], labels[:, :18]) if tp == 1 else None,
+            "mac": _error_message(TitansLM, _config("mac"), dims),
+            "decode": _error_message(model.decode, ids[:, :4], [None] * len(model.layers)),
+        }
+        destroy_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def cp_results() -> list[dict]:
+    return run_ranks(CP, _model_suite, 1, (False,), timeout=300)
+
+
+def _assert_matches(r: dict, grad_tol: float = TOL) -> None:
+    assert set(r["values"].values()) == {0.0}, "CP ranks must hold the CP=1 initial weights"
+    assert r["logits"] <= TOL and r["loss"] <= FP32_TOL, (r["logits"], r["loss"])
+    bad = {name: err for name, err in r["grads"].items() if not err <= grad_tol}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cp_matches_single_rank(cp_results, case):
+    """CP=2: the same logits, loss and (CP-summed) parameter gradients as one rank, on every CP rank; each rank's
+    own gradient alone is only a part of it (for the per-token projections)."""
+    for res in cp_results:
+        r = res[case, False]
+        _assert_matches(r)
+        partial = [name for name, err in r["own grads"].items() if err > 1e-3]
+        assert "output.weight" in partial and any(n.endswith(("wq.weight", "in_proj.weight")) for n in partial)
+
+
+def test_cp_errors(cp_results):
+    for res in cp_results:
+        errors = res["errors", False]
+        assert errors["heads"] == ("ValueError: n_heads=3 is not divisible by tp * cp = 1 * 2 "
+                                   "(heads split over tensor and context parallel)")
+        assert errors["odd T"] == "no error"  # 18 = 2 x 9
+        assert errors["mac"] == "NotImplementedError: MAC under context parallel (cp=2); use cp=1 for MAC layers"
+        assert errors["decode"] == ("NotImplementedError: decoding from a cache under context parallel; "
+                                    "build the model with cp=1")
+
+
+def test_cp_sequence_length_error():
+    dims = ParallelDims(cp_size=3)
+    with pytest.raises(ValueError, match="context parallel needs T=20 divisible by the context-parallel size 3"):
+        TitansLM(_config("swa", n_heads=3, head_dim=8), dims).loss(*_data())
+
+
+@pytest.fixture(scope="module")
+def cp_tp_results() -> list[dict]:
+    return run_ranks(4, _model_suite, 2, (False, True), timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True], ids=["cp2xtp2", "cp2xtp2+sp"])
+@pytest.mark.parametrize("case", CASES)
+def test_cp_times_tp_matches_single_rank(cp_tp_results, case, sp):
+    for res in cp_tp_results:
+        _assert_matches(res[case, sp], FP32_TOL)
+        assert res["errors", sp]["heads"].startswith("ValueError: n_heads=6 is not divisible by tp * cp = 2 * 2")

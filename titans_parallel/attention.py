@@ -31,8 +31,8 @@ from titans_parallel.parallel import (
     column_parallel_linear,
     normal_init,
     row_parallel_linear,
-    tensor_parallel_share,
 )
+from titans_parallel.parallel.context import context_parallel_heads, heads_to_sequence, local_heads, sequence_to_heads
 from titans_parallel.rope import apply_rope, rope_angles
 
 BACKENDS = ("auto", "naive", "sdpa", "flex", "flash")
@@ -327,6 +327,9 @@ class Attention(nn.Module):
     RoPE rotates queries, sequence keys and companion keys at their absolute positions (token t's companion at
     token t's). Prefix tokens are projected by wk, wv and are NOT rotated: they are position-free (every query sees
     them wherever it sits), and a learned persistent key can absorb any fixed rotation anyway.
+
+    Under context parallel x arrives as this rank's [B, T/cp, dim] and q, k, v cross to the full sequence for
+    n_heads / (tp cp) heads (`parallel.context`: RoPE at full-sequence positions), back before wo.
     """
 
     def __init__(
@@ -348,7 +351,8 @@ class Attention(nn.Module):
             raise ValueError(f"window must be >= 1 or None, got {window}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        self.n_heads, self.head_dim, self.window = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim, window
+        self.n_heads, self.head_dim, self.window = context_parallel_heads(n_heads, parallel), head_dim, window
+        self.parallel = parallel
         self.rope_base, self.backend = rope_base, backend
         inner = n_heads * head_dim
         column = functools.partial(
@@ -366,7 +370,8 @@ class Attention(nn.Module):
 
     def _rotated_keys_values(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """t [B, T, dim] -> [RoPE-rotated keys, values], each [B, H, T, d]."""
-        return [apply_rope(self._heads(self.wk(t)), cos, sin), self._heads(self.wv(t))]
+        k, v = (sequence_to_heads(w(t), self.parallel) for w in (self.wk, self.wv))
+        return [apply_rope(self._heads(k), cos, sin), self._heads(v)]
 
     def forward(
         self,
@@ -391,7 +396,7 @@ class Attention(nn.Module):
                 f"companion {'not ' if companion is None else ''}given, but the cache was built "
                 f"{'with' if companion is None else 'without'} companions: pass them on every call or on none"
             )
-        q = self._heads(self.wq(x))  # the full sequence: under sequence parallel wq gathers it
+        q = self._heads(sequence_to_heads(self.wq(x), self.parallel))  # the full sequence: SP gathers, CP all-to-all
         batch, _, seq_len, _ = q.shape
         start = 0 if cache is None else cache.pos
         cos, sin = rope_angles(torch.arange(start, start + seq_len, device=x.device), self.head_dim, self.rope_base)
@@ -406,13 +411,15 @@ class Attention(nn.Module):
         prefix_k = prefix_v = None
         if prefix is not None:  # not a sequence shard: never gathered along T
             prefix = prefix if prefix.dim() == 3 else prefix[None]
-            prefix_k = self._heads(apply_to_replicated(self.wk, prefix)).expand(batch, -1, -1, -1)
-            prefix_v = self._heads(apply_to_replicated(self.wv, prefix)).expand(batch, -1, -1, -1)
+            prefix_k, prefix_v = (
+                self._heads(local_heads(apply_to_replicated(w, prefix), self.parallel)).expand(batch, -1, -1, -1)
+                for w in (self.wk, self.wv)
+            )
 
         y = sliding_window_attention(
             q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv
         )
-        out = self.wo(y.transpose(1, 2).flatten(2))
+        out = self.wo(heads_to_sequence(y.transpose(1, 2).flatten(2), self.parallel))
 
         n = k.shape[2]
         first = 0 if self.window is None else max(0, n - (self.window - 1))

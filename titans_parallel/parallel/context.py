@@ -48,7 +48,9 @@ def context_parallel_heads(n_heads: int, parallel: ParallelDims) -> int:
 def check_sequence_length(seq_len: int, parallel: ParallelDims) -> None:
     """A ValueError when cp does not divide the sequence length T."""
     if seq_len % parallel.cp_size:
-        raise ValueError(f"context parallel needs T={seq_len} divisible by the context-parallel size {parallel.cp_size}")
+        raise ValueError(
+            f"context parallel needs T={seq_len} divisible by the context-parallel size {parallel.cp_size}"
+        )
 
 
 def sequence_shard(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
