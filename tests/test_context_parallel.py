@@ -10,6 +10,8 @@ over full tensors (TP shards gathered). Labels include ignored positions (-100).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -247,3 +249,64 @@ def test_cp_times_tp_matches_single_rank(cp_tp_results, case, sp):
     for res in cp_tp_results:
         _assert_matches(res[case, sp], FP32_TOL)
         assert res["errors", sp]["heads"].startswith("ValueError: n_heads=6 is not divisible by tp * cp = 2 * 2")
+
+
+def _job(**sections):
+    """The tiny training job of test_train with MAG layers (MAC refuses CP)."""
+    from test_train import job
+
+    return job(**{**sections, "model": {"variant": "mag", **sections.get("model", {})}})
+
+
+@pytest.mark.parametrize("sections,key,message", [
+    ({"parallel": {"cp": 2, "tp": 2}, "model": {"n_heads": 6, "head_dim": 8}}, "model.n_heads",
+     "must be divisible by parallel.tp * parallel.cp = 2 * 2, got 6"),
+    ({"parallel": {"cp": 3}, "model": {"n_heads": 3, "head_dim": 8}}, "data.seq_len",
+     "must be divisible by parallel.cp=3, got 16"),
+    ({"parallel": {"cp": 2, "tp": 2, "sequence_parallel": True}, "data": {"seq_len": 18}}, "data.seq_len",
+     "must be divisible by parallel.cp=2 * tp=2 (sequence parallel), got 18"),
+    ({"parallel": {"cp": 2}, "model": {"variant": "mac"}}, "parallel.cp",
+     "context parallel does not support MAC layers"),
+    ({"parallel": {"cp": 0}}, "parallel.cp", "must be >= 1"),
+    ({"parallel": {"cp": 2}, "train": {"zero_stage": 3}}, "train.zero_stage", "ZeRO-3 with parallel.cp=2 is not supported"),
+])
+def test_job_config_checks_context_parallel(sections, key, message):
+    from titans_parallel.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*" + re.escape(message)):
+        _job(**sections)
+
+
+def test_world_size_not_divisible_by_tp_times_cp_fails_before_any_process_group(monkeypatch):
+    from pretrain import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=re.escape("world size 2 is not divisible by parallel.tp * parallel.cp = 1 * 4")):
+        train.main(["--config", "configs/train/tiny_cpu.yaml", "parallel.cp=4", "model.layer_pattern=[swa,mag,swa,mag]"])
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_cp_training_follows_one_rank(tmp_path, zero_stage):
+    """The real job under DeepSpeed: CP=2 on 2 ranks (the engine sums gradients over CP, ZeRO partitions over
+    DP x CP) follows the one-rank trajectory on the same batches: losses and gradient norms over 10 steps, and its
+    checkpoint (recording parallel.cp) converts to the one-rank run's weights."""
+    from test_train import _run_job
+
+    sections = {"train": {"zero_stage": zero_stage}, "model": {"variant": "mag"}}
+    cp2 = run_ranks(2, _run_job, {**sections, "parallel": {"cp": 2}, "checkpoint": {"dir": str(tmp_path / "cp2")}},
+                    timeout=600)
+    one = run_ranks(1, _run_job, {**sections, "checkpoint": {"dir": str(tmp_path / "one")}}, timeout=600)[0]
+    assert cp2[0]["losses"] == cp2[1]["losses"]
+    for key in ("losses", "grad_norms"):
+        for a, b in zip(cp2[0][key], one[key]):
+            assert abs(a - b) <= 1e-5 * abs(b), (key, cp2[0][key], one[key])
+    assert one["losses"][-1] < one["losses"][0]
+    from pretrain.checkpoint_io import load_consolidated  # the checkpoints written at the end: the same weights
+
+    cp_state, cp_config, cp_step = load_consolidated(tmp_path / "cp2", progress=False)
+    one_state, _, one_step = load_consolidated(tmp_path / "one", progress=False)
+    assert cp_config["parallel"]["cp"] == 2 and cp_step == one_step == 10 and cp_state.keys() == one_state.keys()
+    bad = {k: _rel(v, one_state[k]) for k, v in cp_state.items() if not _rel(v, one_state[k]) <= 1e-4}
+    assert not bad, bad
