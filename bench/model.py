@@ -23,12 +23,13 @@ from timing import interleaved_medians
 from pretrain.denormals import flush_denormals
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
 from titans_parallel.config import MEMORY_KINDS
+from titans_parallel.parallel import SINGLE_RANK, ParallelDims
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
 
-def our_model(variant: str, compiled: bool, args) -> TitansLM:
-    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does."""
+def our_model(variant: str, compiled: bool, args, parallel: ParallelDims = SINGLE_RANK) -> TitansLM:
+    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does; built with `parallel`."""
     pattern = None
     if variant in MEMORY_KINDS and args.layers == 4:
         pattern = ["swa", variant, "swa", variant]
@@ -37,7 +38,7 @@ def our_model(variant: str, compiled: bool, args) -> TitansLM:
         vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, variant=variant,
         layer_pattern=pattern, window=args.window, memory=memory,
     )
-    return TitansLM(config)
+    return TitansLM(config, parallel)
 
 
 def peer_model(args, matched: bool) -> torch.nn.Module:
