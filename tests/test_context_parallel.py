@@ -310,3 +310,19 @@ def test_cp_training_follows_one_rank(tmp_path, zero_stage):
     assert cp_config["parallel"]["cp"] == 2 and cp_step == one_step == 10 and cp_state.keys() == one_state.keys()
     bad = {k: _rel(v, one_state[k]) for k, v in cp_state.items() if not _rel(v, one_state[k]) <= 1e-4}
     assert not bad, bad
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_with_context_parallel(tmp_path, small_dataset):
+    """The real `deepspeed` launcher, 2 ranks, parallel.cp=2 (MAG layers): it trains, evaluates, reports the layout,
+    and writes a checkpoint that records cp and converts to one full model."""
+    from test_launch import finish, launch_single_node, losses
+
+    from pretrain.checkpoint_io import load_consolidated
+
+    log = finish(launch_single_node(tmp_path, small_dataset, "parallel.cp=2", "model.layer_pattern=[swa,mag,swa,mag]",
+                                    port=29537))
+    assert len(losses(log)) == 6 and "val_loss" in log
+    assert "layout: 2 ranks = dp 1 x tp 1 x cp 2, ZeRO-1, fp32" in log
+    state, config, step = load_consolidated(tmp_path / "ckpt", progress=False)
+    assert config["parallel"]["cp"] == 2 and step == 6 and all(torch.isfinite(v).all() for v in state.values())
