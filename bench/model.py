@@ -25,6 +25,7 @@ from timing import interleaved_medians
 from pretrain.denormals import flush_denormals
 from titans_parallel import MemoryConfig, ModelConfig, TitansLM, lm_loss
 from titans_parallel.config import MEMORY_KINDS
+from titans_parallel.parallel import SINGLE_RANK, ParallelDims
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
@@ -32,8 +33,9 @@ VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 EOS = 2
 
 
-def our_model(variant: str, compiled: bool, args, document_reset: bool = False) -> TitansLM:
-    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does."""
+def our_model(variant: str, compiled: bool, args, parallel: ParallelDims = SINGLE_RANK,
+              document_reset: bool = False) -> TitansLM:
+    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does; built with `parallel`."""
     pattern = None
     if variant in MEMORY_KINDS and args.layers == 4:
         pattern = ["swa", variant, "swa", variant]
@@ -42,7 +44,7 @@ def our_model(variant: str, compiled: bool, args, document_reset: bool = False) 
         vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, variant=variant,
         layer_pattern=pattern, window=args.window, memory=memory, document_reset=document_reset, eos_id=EOS,
     )
-    return TitansLM(config)
+    return TitansLM(config, parallel)
 
 
 def peer_model(args, matched: bool) -> torch.nn.Module:
@@ -92,7 +94,7 @@ def main() -> None:
             name = f"titans-parallel {variant}" + (" compiled" if compiled else "")
             models[name] = our_model(variant, compiled, args)
             if args.documents:
-                models[f"{name}, {args.documents + 1} documents"] = our_model(variant, compiled, args, True)
+                models[f"{name}, {args.documents + 1} documents"] = our_model(variant, compiled, args, document_reset=True)
     if not args.no_peer:
         models["lucidrains MAC, its defaults"] = peer_model(args, matched=False)
         models["lucidrains MAC, matched (chunk 16, paper rule)"] = peer_model(args, matched=True)

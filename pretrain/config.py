@@ -42,11 +42,13 @@ def _positive(key: str, value: float | None, optional: bool = False) -> None:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel degree (heads split across ranks); data parallel = world_size / tp
+    tp: int = 1  # tensor-parallel degree (heads split across ranks); data parallel = world_size / (tp * cp)
     sequence_parallel: bool = False  # Megatron sequence parallel inside the TP group
+    cp: int = 1  # context-parallel degree (Ulysses: sequence sharded, heads split over tp * cp); no MAC layers
 
     def __post_init__(self):
         _at_least(self, 1, "tp")
+        _at_least(self, 1, "cp")
 
 
 @dataclass
@@ -177,6 +179,22 @@ class JobConfig:
             raise ValueError(f"parallel.tp={self.parallel.tp} does not divide model.n_heads={self.model.n_heads}")
         if self.model.vocab_size % self.parallel.tp:
             raise ValueError(f"parallel.tp={self.parallel.tp} does not divide model.vocab_size={self.model.vocab_size}")
+        tp, cp = self.parallel.tp, self.parallel.cp
+        if cp > 1:
+            check(self.model.n_heads % (tp * cp) == 0, "model.n_heads",
+                  f"must be divisible by parallel.tp * parallel.cp = {tp} * {cp}, got {self.model.n_heads}")
+            shards = cp * tp if self.parallel.sequence_parallel else cp  # sequence parallel splits a CP shard
+            check(self.data.seq_len % shards == 0, "data.seq_len",
+                  f"must be divisible by parallel.cp={cp}" + (f" * tp={tp} (sequence parallel)" if shards > cp else "")
+                  + f", got {self.data.seq_len}")
+            check("mac" not in self.model.layer_pattern, "parallel.cp",
+                  f"context parallel does not support MAC layers (model.layer_pattern has mac), got cp={cp}")
+            check(self.train.zero_stage < 3, "train.zero_stage",
+                  f"ZeRO-3 with parallel.cp={cp} is not supported: DeepSpeed 0.19's ZeRO-3 reduce-scatter averages "
+                  "gradients over CP instead of summing them (use ZeRO 0-2)")
+            for i, task in enumerate(self.train.eval_tasks):
+                check(task.length % cp == 0, f"train.eval_tasks[{i}].length",
+                      f"context parallel needs it divisible by parallel.cp={cp}, got {task.length}")
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
             raise ValueError(f"sequence parallel needs data.seq_len={self.data.seq_len} divisible by tp={self.parallel.tp}")
         for i, task in enumerate(self.train.eval_tasks):

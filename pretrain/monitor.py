@@ -88,7 +88,8 @@ def startup_lines(config: JobConfig, dims, counts: ParameterCounts, tokens_per_s
     lines += [
         f"parameters: {_millions(counts.total)} ({_millions(counts.embedding)} embedding, "
         f"{_millions(counts.dense)} in matmuls for the FLOP count)",
-        f"layout: {dims.dp_size * dims.tp_size} ranks = dp {dims.dp_size} x tp {dims.tp_size}"
+        f"layout: {dims.dp_size * config.parallel.cp * dims.tp_size} ranks = dp {dims.dp_size} x tp {dims.tp_size}"
+        f"{f' x cp {config.parallel.cp}' if config.parallel.cp > 1 else ''}"
         f"{' (sequence parallel)' if config.parallel.sequence_parallel else ''}, ZeRO-{train.zero_stage}, "
         f"{train.precision}, {backend}{', activation checkpointing per block' if train.activation_checkpointing else ''}",
         f"tokens/step: {tokens_per_step:,} = micro_batch {train.micro_batch_size} x grad_accum {train.grad_accum} "

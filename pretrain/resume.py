@@ -21,7 +21,7 @@ class ResumePoint:
     tag_dir: Path
     job: dict  # the checkpoint's job.json
     changes: list[str]  # allowed config changes (optimizer, schedule, ...), logged
-    relayout: bool  # written with another world size, TP degree or ZeRO stage: load through a universal checkpoint
+    relayout: bool  # written with another world size, TP/CP degree or ZeRO stage: load through a universal checkpoint
     data: dict = field(default_factory=dict)  # this run's data.path and data.seq_len
     reset_data: bool = False  # --reset-data-position: the loader starts from its beginning
 
@@ -42,8 +42,9 @@ def resume_point(config: JobConfig, resume_from: str | None, reset_data: bool = 
         return None
     job = checkpoint.read_job(tag_dir)
     changes = checkpoint.check_compatible(job["config"], config)
-    saved = (job["world_size"], job["config"]["parallel"]["tp"], job["config"]["train"]["zero_stage"])
-    relayout = saved != (dist.get_world_size(), config.parallel.tp, config.train.zero_stage)
+    parallel = job["config"]["parallel"]
+    saved = (job["world_size"], parallel["tp"], parallel.get("cp", 1), job["config"]["train"]["zero_stage"])
+    relayout = saved != (dist.get_world_size(), config.parallel.tp, config.parallel.cp, config.train.zero_stage)
     if relayout and config.train.zero_stage == 3:
         raise checkpoint.CheckpointError(
             f"{tag_dir} was written by {saved[0]} ranks, tp={saved[1]}, ZeRO-{saved[2]}; loading it at another layout "

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % config.parallel.tp:
         raise SystemExit(f"world size {world} is not divisible by parallel.tp={config.parallel.tp}")
+    if world % (config.parallel.tp * config.parallel.cp):
+        raise SystemExit(f"world size {world} is not divisible by parallel.tp * parallel.cp = "
+                         f"{config.parallel.tp} * {config.parallel.cp}")
     ensure_distributed_env()
     flush_denormals()
     try:
@@ -131,7 +134,8 @@ def train(config: JobConfig, batches: BatchSource | None = None, resume_from: st
     """
     init_distributed()
     quiet.rank_policy(dist.get_rank())
-    dims = init_parallel(config.parallel.tp, sequence_parallel=config.parallel.sequence_parallel, seed=config.train.seed)
+    dims = init_parallel(config.parallel.tp, config.parallel.cp, sequence_parallel=config.parallel.sequence_parallel,
+                         seed=config.train.seed)
     try:
         with checkpoint.locked(config.checkpoint.dir):
             return _train(config, dims, batches, resume_from, reset_data_position)

@@ -34,8 +34,8 @@ from titans_parallel.parallel import (
     column_parallel_linear,
     normal_init,
     row_parallel_linear,
-    tensor_parallel_share,
 )
+from titans_parallel.parallel.context import context_parallel_heads, heads_to_sequence, local_heads, sequence_to_heads
 from titans_parallel.rope import apply_rope, rope_angles
 
 BACKENDS = ("auto", "naive", "sdpa", "flex", "flash")
@@ -377,6 +377,9 @@ class Attention(nn.Module):
     RoPE rotates queries, sequence keys and companion keys at their absolute positions (token t's companion at
     token t's). Prefix tokens are projected by wk, wv and are NOT rotated: they are position-free (every query sees
     them wherever it sits), and a learned persistent key can absorb any fixed rotation anyway.
+
+    Under context parallel x arrives as this rank's [B, T/cp, dim] and q, k, v cross to the full sequence for
+    n_heads / (tp cp) heads (`parallel.context`: RoPE at full-sequence positions), back before wo.
     """
 
     def __init__(
@@ -398,7 +401,8 @@ class Attention(nn.Module):
             raise ValueError(f"window must be >= 1 or None, got {window}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        self.n_heads, self.head_dim, self.window = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim, window
+        self.n_heads, self.head_dim, self.window = context_parallel_heads(n_heads, parallel), head_dim, window
+        self.parallel = parallel
         self.rope_base, self.backend = rope_base, backend
         inner = n_heads * head_dim
         column = functools.partial(
@@ -416,7 +420,8 @@ class Attention(nn.Module):
 
     def _rotated_keys_values(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """t [B, T, dim] -> [RoPE-rotated keys, values], each [B, H, T, d]."""
-        return [apply_rope(self._heads(self.wk(t)), cos, sin), self._heads(self.wv(t))]
+        k, v = (sequence_to_heads(w(t), self.parallel) for w in (self.wk, self.wv))
+        return [apply_rope(self._heads(k), cos, sin), self._heads(v)]
 
     def forward(
         self,
@@ -448,7 +453,7 @@ class Attention(nn.Module):
             )
         if resets is not None and cache is not None:
             raise ValueError("document resets are only taken from the start of a sequence (cache None)")
-        q = self._heads(self.wq(x))  # the full sequence: under sequence parallel wq gathers it
+        q = self._heads(sequence_to_heads(self.wq(x), self.parallel))  # the full sequence: SP gathers, CP all-to-all
         batch, _, seq_len, _ = q.shape
         start = 0 if cache is None else cache.pos
         if resets is None:
@@ -467,14 +472,16 @@ class Attention(nn.Module):
         prefix_k = prefix_v = None
         if prefix is not None:  # not a sequence shard: never gathered along T
             prefix = prefix if prefix.dim() == 3 else prefix[None]
-            prefix_k = self._heads(apply_to_replicated(self.wk, prefix)).expand(batch, -1, -1, -1)
-            prefix_v = self._heads(apply_to_replicated(self.wv, prefix)).expand(batch, -1, -1, -1)
+            prefix_k, prefix_v = (
+                self._heads(local_heads(apply_to_replicated(w, prefix), self.parallel)).expand(batch, -1, -1, -1)
+                for w in (self.wk, self.wv)
+            )
 
         documents = None if resets is None else document_ids(resets)
         y = sliding_window_attention(
             q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv, documents=documents
         )
-        out = self.wo(y.transpose(1, 2).flatten(2))
+        out = self.wo(heads_to_sequence(y.transpose(1, 2).flatten(2), self.parallel))
         if resets is not None:
             return out, None
 

@@ -233,6 +233,8 @@ class MACMixer(nn.Module):
 
     def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
+        if parallel.cp_enabled:
+            raise NotImplementedError(f"MAC under context parallel (cp={parallel.cp_size}); use cp=1 for MAC layers")
         self.segment, self.parallel = config.window, parallel
         self.persistent = PersistentTokens(config)
         self.attn = _attention(config, None, parallel, full_sequence=True)

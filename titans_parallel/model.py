@@ -42,6 +42,13 @@ from .parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 )
+from .parallel.context import (
+    check_sequence_length,
+    context_parallel_heads,
+    context_parallel_mean,
+    gather_sequence,
+    sequence_shard,
+)
 
 
 class TitansLM(nn.Module):
@@ -54,6 +61,12 @@ class TitansLM(nn.Module):
     projections into the residual stream init_std / sqrt(2 n_layers); the memory's own rules; norms 1), so a TP
     rank's shard is exactly the slice of the TP = 1 model built from the same seed. Under sequence parallel T must
     be divisible by tp.
+
+    Under context parallel (cp > 1) every CP rank takes the same input_ids / labels [B, T] (T divisible by cp) and
+    runs its contiguous T / cp tokens outside the mixers (`parallel.context`); logits are gathered over CP, the
+    loss is the CP=1 mean on every CP rank, and each rank's parameter gradients are its part of the CP=1 gradient:
+    sum them over CP (DeepSpeed does, see pretrain/engine.py; else `sum_context_parallel_grads`). No MAC, no decoding
+    from a cache.
 
     `parallel`: this rank's place in the TP x DP layout (`init_parallel`'s result), kept as `self.parallel`; the
     default is a single rank, which needs no process group.
@@ -72,6 +85,7 @@ class TitansLM(nn.Module):
         if config.document_reset and config.eos_id is None:
             raise ValueError("model.document_reset needs model.eos_id (the tokenizer's EOS id)")
         self.config, self.parallel = config, parallel
+        context_parallel_heads(config.n_heads, parallel)
         for name in ("n_heads", "vocab_size", "ffn_hidden"):
             tensor_parallel_share(getattr(config, name), name, parallel)
         init = normal_init(config.init_std)
@@ -98,8 +112,7 @@ class TitansLM(nn.Module):
         if labels is not None:
             return self.loss(input_ids, labels, ignore_index)
         if self.config.document_reset:  # no cache wanted: one pass, whatever the documents
-            return gather_from_tensor_parallel_region(self._logits(input_ids, None, self._resets(input_ids))[0],
-                                                      self.parallel)
+            return self._gathered(self._logits(input_ids, None, self._resets(input_ids))[0])
         return self.decode(input_ids, None)[0]
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -107,11 +120,12 @@ class TitansLM(nn.Module):
         equal to ignore_index. Under TP the vocabulary-parallel cross-entropy of the head's shards: the
         full-vocabulary logits are never formed. The same on every TP rank."""
         logits, _ = self._logits(input_ids, None, self._resets(input_ids))
-        if not self.parallel.tp_enabled:
+        if not (self.parallel.tp_enabled or self.parallel.cp_enabled):
             return lm_loss(logits, labels, ignore_index)
+        labels = sequence_shard(labels, self.parallel)
         keep = labels != ignore_index
         losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0), self.parallel)
-        return (losses * keep).sum() / keep.sum()
+        return context_parallel_mean((losses * keep).sum(), keep.sum(), self.parallel)
 
     def decode(self, input_ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
         """Run tokens [B, T] after the tokens summarised by `cache` (None: start of sequence).
@@ -119,12 +133,18 @@ class TitansLM(nn.Module):
         Under sequence parallel only from the start of a sequence (cache None)."""
         if cache is not None and self.parallel.sequence_parallel:
             raise NotImplementedError("decoding from a cache under sequence parallel; build the model without it")
+        if cache is not None and self.parallel.cp_enabled:
+            raise NotImplementedError("decoding from a cache under context parallel; build the model with cp=1")
         resets = self._resets(input_ids)
         if resets is None:
             logits, cache = self._logits(input_ids, cache)
         else:
             logits, cache = self._decode_documents(input_ids, cache, resets)
-        return gather_from_tensor_parallel_region(logits, self.parallel), cache
+        return self._gathered(logits), cache
+
+    def _gathered(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's logits shard [B, T / cp, vocab / tp] -> the full [B, T, vocab]."""
+        return gather_sequence(gather_from_tensor_parallel_region(logits, self.parallel), self.parallel)
 
     def _resets(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """[B, T] bool, True at every EOS (each opens a document), or None without `config.document_reset`."""
@@ -160,13 +180,15 @@ class TitansLM(nn.Module):
 
     def _logits(self, input_ids: torch.Tensor, cache: list | None, resets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list]:
-        """(logits [B, T, vocab / tp] of this rank's vocabulary shard, new cache). With resets [B, T] (cache
-        None) every document runs as if the sequence began at it, and the caches are None."""
+        """(logits [B, T / cp, vocab / tp] of this rank's sequence and vocabulary shard, new cache). With resets
+        [B, T] (the full sequence's; cache None) every document runs as if the sequence began at it, and the caches
+        are None."""
         tp, seq_len = self.parallel.tp_size, input_ids.shape[1]
         if self.parallel.sequence_parallel and seq_len % tp:
             raise ValueError(f"sequence parallel needs T={seq_len} divisible by the tensor-parallel size {tp}")
+        check_sequence_length(seq_len, self.parallel)
         caches = cache if cache is not None else [None] * len(self.layers)
-        x = self.tok_embeddings(input_ids)  # under sequence parallel: this rank's [B, T / tp, dim]
+        x = self.tok_embeddings(sequence_shard(input_ids, self.parallel))  # [B, T / (cp tp), dim] under CP / SP
         new_caches = []
         for layer, layer_cache in zip(self.layers, caches):
             if self.activation_checkpointing and layer_cache is None and torch.is_grad_enabled():

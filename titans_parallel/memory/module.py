@@ -26,7 +26,13 @@ from ..parallel import (
     normal_init,
     row_parallel_linear,
     tensor_parallel_parameter,
-    tensor_parallel_share,
+)
+from ..parallel.context import (
+    context_parallel_heads,
+    gather_heads,
+    heads_to_sequence,
+    local_heads,
+    sequence_to_heads,
 )
 from ..documents import document_ids
 from .chunked import memory_scan
@@ -81,7 +87,9 @@ class NeuralMemory(nn.Module):
     what it adds.
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
     [B, T/tp, dim] sequence shards unless `full_sequence` (full [B, T, dim] on every rank, for a mixer that gathers
-    the sequence itself).
+    the sequence itself). Under context parallel x and the output are [B, T/cp, dim] and the projections cross to
+    the full sequence for n_heads / (tp cp) heads before the conv (`parallel.context`), back before out_proj; the
+    per-head parameters stay whole (replicated over CP) and the core uses its heads' slice.
     Every entry point (`forward`, `forward_prefixed`, `read`) runs as a call of the module, and each submodule's
     parameters are only used by calling it, so module hooks (ZeRO-3's parameter gathering) see every use.
     """
@@ -100,7 +108,8 @@ class NeuralMemory(nn.Module):
         parallel: ParallelDims = SINGLE_RANK,
     ):
         super().__init__()
-        self.n_heads, self.head_dim = tensor_parallel_share(n_heads, "n_heads", parallel), head_dim
+        self.n_heads, self.head_dim = context_parallel_heads(n_heads, parallel), head_dim
+        self.parallel = parallel
         self.config = c = config if config is not None else MemoryConfig()
         self.norm_eps = norm_eps
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
@@ -111,7 +120,7 @@ class NeuralMemory(nn.Module):
         self.in_proj = column(dim, n_heads * 4 * head_dim, bias=False)  # per head: q, k, v, output gate
         self.gate_proj = column(dim, n_heads * 3)  # per head: theta, eta, alpha
         with torch.no_grad():
-            bias = self.gate_proj.bias.view(self.n_heads, 3)
+            bias = self.gate_proj.bias.view(-1, 3)
             bias[:, 0], bias[:, 1], bias[:, 2] = THETA_BIAS_INIT, ETA_BIAS_INIT, ALPHA_BIAS_INIT
         self.conv_weight = per_head(
             (n_heads, 3, head_dim, c.conv_kernel), init_method=normal_init(1 / math.sqrt(c.conv_kernel))
@@ -129,7 +138,7 @@ class NeuralMemory(nn.Module):
 
     def initial_cache(self, batch_size: int) -> NeuralMemoryCache:
         """The state before the first token: W_0 per head, zero momentum, empty pending chunk, zero conv tail."""
-        initial = self.initial_weights()
+        initial = tuple(local_heads(w, self.parallel, dim=0) for w in self.initial_weights())
         ref = initial[0]
         dtype = torch.promote_types(ref.dtype, torch.float32)  # fp32 state; fp64 stays fp64
         weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in initial)
@@ -148,14 +157,14 @@ class NeuralMemory(nn.Module):
         B, T, H, c, d = u.shape
         K = self.config.conv_kernel
         full = torch.cat([tail, u], dim=1)
+        weight = local_heads(self.conv_weight, self.parallel, dim=0)[:, channels]
         if resets is None:
-            weight = self.conv_weight[:, channels].reshape(-1, 1, K)
-            out = F.conv1d(full.flatten(2).transpose(1, 2), weight, groups=H * c * d)
+            out = F.conv1d(full.flatten(2).transpose(1, 2), weight.reshape(-1, 1, K), groups=H * c * d)
             out = out.view(B, H, c, d, T).transpose(-1, -2)
         else:  # tap i reads token t - (K - 1 - i), kept when it lies in token t's document
             documents = document_ids(resets)
             padded = F.pad(documents, (K - 1, 0))
-            weight = self.conv_weight[:, channels].to(u.dtype)
+            weight = weight.to(u.dtype)
             out = sum(full[:, i : i + T] * weight[..., i] * (padded[:, i : i + T] == documents)[..., None, None, None]
                       for i in range(K))
             out = out.permute(0, 2, 3, 1, 4)
@@ -165,7 +174,8 @@ class NeuralMemory(nn.Module):
         """Per-head RMSNorm of y [B, H, T, d] (fp32) times the SiLU gate [B, T, H, d] -> [B, T, H * d], the input
         of out_proj."""
         y = y.to(torch.promote_types(y.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.out_norm_weight[:, None].to(y.dtype)
+        weight = local_heads(self.out_norm_weight, self.parallel, dim=0)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * weight[:, None].to(y.dtype)
         return (y.to(gate.dtype).transpose(1, 2) * F.silu(gate)).flatten(2)
 
     def forward(self, *args, entry: str = "update"):
@@ -227,11 +237,14 @@ class NeuralMemory(nn.Module):
             raise ValueError("document resets are only taken from the start of a sequence (cache None)")
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
+        proj, gates = (sequence_to_heads(t, self.parallel) for t in (proj, gates))  # CP: [B, T, (H/cp) f]
         B, T = proj.shape[:2]
         if n:  # the prefix is not a sequence shard
             prefix = prefix.to(x.dtype)
-            proj = torch.cat([apply_to_replicated(self.in_proj, prefix).expand(B, -1, -1), proj], dim=1)
-            gates = torch.cat([apply_to_replicated(self.gate_proj, prefix).expand(B, -1, -1), gates], dim=1)
+            proj, gates = (
+                torch.cat([local_heads(apply_to_replicated(w, prefix), self.parallel).expand(B, -1, -1), t], dim=1)
+                for w, t in ((self.in_proj, proj), (self.gate_proj, gates))
+            )
         H, d, T = self.n_heads, self.head_dim, n + T
         cache = cache if cache is not None else self.initial_cache(B)
         proj = proj.view(B, T, H, 4, d)
@@ -273,8 +286,8 @@ class NeuralMemory(nn.Module):
         """The scan's outputs y [B, H, n + T, d] at `prefix || x` -> (out at the prefix [B, n, dim] or None, out at
         x [B, T, dim])."""
         gated = self._gated(y, proj[:, :, :, 3])
-        out = self.out_proj(gated[:, n:])
-        prefix_out = apply_to_replicated(self.out_proj, gated[:, :n]) if n else None  # never reduce-scattered
+        out = self.out_proj(heads_to_sequence(gated[:, n:], self.parallel))
+        prefix_out = apply_to_replicated(self.out_proj, gather_heads(gated[:, :n], self.parallel)) if n else None
         return prefix_out, out
 
     def _documents(self, proj: torch.Tensor, gates: torch.Tensor, n: int, resets: torch.Tensor,

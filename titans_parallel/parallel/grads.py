@@ -20,6 +20,10 @@ a gradient (stage 0's all-reduce after backward, the hooks of ZeRO 1-3) sees the
 accumulation each micro-batch's contribution is summed before it is accumulated (summing is linear, so the
 accumulated gradient is exact). All TP ranks run the same graph, so the per-parameter all-reduces are issued in the
 same order on every rank. Cost: one small all-reduce over TP per marked parameter per backward.
+
+Context parallel: every parameter is replicated over CP and each CP rank's gradient is its part of the full one
+(`context.py`). Under DeepSpeed the engine sums it over CP in its data-parallel reduction (pretrain/engine.py);
+without an engine, `sum_context_parallel_grads` after backward.
 """
 
 from __future__ import annotations
@@ -73,3 +77,13 @@ def register_sequence_parallel_grad_hooks(model: nn.Module, parallel: ParallelDi
             _HOOKED[param] = param.register_hook(partial(_sum_over_tp, group=parallel.tp_group))
             hooked.append(name)
     return hooked
+
+
+def sum_context_parallel_grads(model: nn.Module, parallel: ParallelDims) -> None:
+    """After backward, without a training engine: sum every parameter's `.grad` over the CP group of `parallel`
+    (module doc), in place. Nothing when cp == 1."""
+    if not parallel.cp_enabled:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=parallel.cp_group)
