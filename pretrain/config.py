@@ -44,7 +44,7 @@ def _positive(key: str, value: float | None, optional: bool = False) -> None:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (heads split across ranks); data parallel = world_size / (tp * cp)
     sequence_parallel: bool = False  # Megatron sequence parallel inside the TP group
-    cp: int = 1  # context-parallel degree (Ulysses: sequence sharded, heads split over tp * cp); no MAC layers
+    cp: int = 1  # context-parallel degree (Ulysses: sequence sharded, heads split over tp * cp)
 
     def __post_init__(self):
         _at_least(self, 1, "tp")
@@ -187,8 +187,6 @@ class JobConfig:
             check(self.data.seq_len % shards == 0, "data.seq_len",
                   f"must be divisible by parallel.cp={cp}" + (f" * tp={tp} (sequence parallel)" if shards > cp else "")
                   + f", got {self.data.seq_len}")
-            check("mac" not in self.model.layer_pattern, "parallel.cp",
-                  f"context parallel does not support MAC layers (model.layer_pattern has mac), got cp={cp}")
             check(self.train.zero_stage < 3, "train.zero_stage",
                   f"ZeRO-3 with parallel.cp={cp} is not supported: DeepSpeed 0.19's ZeRO-3 reduce-scatter averages "
                   "gradients over CP instead of summing them (use ZeRO 0-2)")

@@ -122,7 +122,7 @@ B, T, VOCAB = 2, 20, 64  # 10-token CP shards; under CP x SP 5-token shards; mem
 TOL = 1e-10  # float64 model: logits and gradients
 FP32_TOL = 1e-6  # the loss value is fp32 by design; under TP megatron's vocab-parallel cross-entropy's gradient too
 EOS = 2
-CASES = ("swa", "transformer", "lmm", "mag", "mal", "lmm+resets", "mal+resets")  # +resets: model.document_reset
+CASES = ("swa", "transformer", "lmm", "mag", "mal", "mac", "lmm+resets", "mal+resets", "mac+resets")  # + document_reset
 
 
 def _config(case: str, **overrides):
@@ -195,7 +195,6 @@ def _model_suite(rank: int, world_size: int, tp: int, modes: tuple[bool, ...]) -
         results["errors", sp] = {
             "heads": _error_message(TitansLM, _config("mag", n_heads=3 * tp, head_dim=8), dims),
             "odd T": _error_message(model.loss, ids[:, :18], labels[:, :18]) if tp == 1 else None,
-            "mac": _error_message(TitansLM, _config("mac"), dims),
             "decode": _error_message(model.decode, ids[:, :4], [None] * len(model.layers)),
         }
         destroy_parallel()
@@ -231,7 +230,6 @@ def test_cp_errors(cp_results):
         assert errors["heads"] == ("ValueError: n_heads=3 is not divisible by tp * cp = 1 * 2 "
                                    "(heads split over tensor and context parallel)")
         assert errors["odd T"] == "no error"  # 18 = 2 x 9
-        assert errors["mac"] == "NotImplementedError: MAC under context parallel (cp=2); use cp=1 for MAC layers"
         assert errors["decode"] == ("NotImplementedError: decoding from a cache under context parallel; "
                                     "build the model with cp=1")
 
@@ -270,8 +268,6 @@ def _job(**sections):
      "must be divisible by parallel.cp=3, got 16"),
     ({"parallel": {"cp": 2, "tp": 2, "sequence_parallel": True}, "data": {"seq_len": 18}}, "data.seq_len",
      "must be divisible by parallel.cp=2 * tp=2 (sequence parallel), got 18"),
-    ({"parallel": {"cp": 2}, "model": {"variant": "mac"}}, "parallel.cp",
-     "context parallel does not support MAC layers"),
     ({"parallel": {"cp": 0}}, "parallel.cp", "must be >= 1"),
     ({"parallel": {"cp": 2}, "train": {"zero_stage": 3}}, "train.zero_stage", "ZeRO-3 with parallel.cp=2 is not supported"),
 ])

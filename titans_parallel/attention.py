@@ -35,7 +35,7 @@ from titans_parallel.parallel import (
     normal_init,
     row_parallel_linear,
 )
-from titans_parallel.parallel.context import context_parallel_heads, heads_to_sequence, local_heads, sequence_to_heads
+from titans_parallel.parallel.context import context_parallel_heads, core_heads, core_output, local_heads
 from titans_parallel.rope import apply_rope, rope_angles
 
 BACKENDS = ("auto", "naive", "sdpa", "flex", "flash")
@@ -402,7 +402,7 @@ class Attention(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         self.n_heads, self.head_dim, self.window = context_parallel_heads(n_heads, parallel), head_dim, window
-        self.parallel = parallel
+        self.parallel, self.full_sequence = parallel, full_sequence
         self.rope_base, self.backend = rope_base, backend
         inner = n_heads * head_dim
         column = functools.partial(
@@ -420,7 +420,7 @@ class Attention(nn.Module):
 
     def _rotated_keys_values(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """t [B, T, dim] -> [RoPE-rotated keys, values], each [B, H, T, d]."""
-        k, v = (sequence_to_heads(w(t), self.parallel) for w in (self.wk, self.wv))
+        k, v = (core_heads(w(t), self.parallel, self.full_sequence) for w in (self.wk, self.wv))
         return [apply_rope(self._heads(k), cos, sin), self._heads(v)]
 
     def forward(
@@ -453,7 +453,7 @@ class Attention(nn.Module):
             )
         if resets is not None and cache is not None:
             raise ValueError("document resets are only taken from the start of a sequence (cache None)")
-        q = self._heads(sequence_to_heads(self.wq(x), self.parallel))  # the full sequence: SP gathers, CP all-to-all
+        q = self._heads(core_heads(self.wq(x), self.parallel, self.full_sequence))  # SP gathers, CP all-to-all
         batch, _, seq_len, _ = q.shape
         start = 0 if cache is None else cache.pos
         if resets is None:
@@ -481,7 +481,7 @@ class Attention(nn.Module):
         y = sliding_window_attention(
             q, k, v, self.window, prefix_k, prefix_v, self.backend, companion_k=ck, companion_v=cv, documents=documents
         )
-        out = self.wo(heads_to_sequence(y.transpose(1, 2).flatten(2), self.parallel))
+        out = self.wo(core_output(y.transpose(1, 2).flatten(2), self.parallel, self.full_sequence))
         if resets is not None:
             return out, None
 

@@ -41,6 +41,7 @@ from .parallel import (
     row_parallel_linear,
     scatter_to_sequence_parallel_region,
 )
+from .parallel.context import replicate_sequence, sequence_shard
 
 
 class RMSNorm(nn.Module):
@@ -226,15 +227,15 @@ class MACMixer(nn.Module):
     product of two near-zero branches (docs/memory.md). The norms see the whole sequence on every TP rank, so their
     weights are not sequence-parallel.
     Segments run in order over the whole sequence: under sequence parallel the mixer gathers its input shard and
-    returns its shard of the output; its attention and memory work on the full sequence (full_sequence).
+    returns its shard of the output; its attention and memory work on the full sequence (full_sequence). Under
+    context parallel every CP rank holds the whole sequence too and runs its own heads of every segment
+    (`parallel.context.replicate_sequence`), then keeps its CP shard of the output.
     Packed documents (resets): every document starts a segment of its own (the rows are laid out on a segment grid,
     `ChunkGrid.from_resets`, a short last segment padded), and at a document's first segment its row's memory,
     retrieval weights and conv tails restart from the initial state; the padding is dropped."""
 
     def __init__(self, config: ModelConfig, parallel: ParallelDims):
         super().__init__()
-        if parallel.cp_enabled:
-            raise NotImplementedError(f"MAC under context parallel (cp={parallel.cp_size}); use cp=1 for MAC layers")
         self.segment, self.parallel = config.window, parallel
         self.persistent = PersistentTokens(config)
         self.attn = _attention(config, None, parallel, full_sequence=True)
@@ -245,6 +246,7 @@ class MACMixer(nn.Module):
     def forward(self, x: torch.Tensor, cache: MACCache | None, resets: torch.Tensor | None = None):
         # Backward splits: every use of x below sums its gradient over TP, so the gradient is the same on every rank.
         x = gather_from_sequence_parallel_region(x, self.parallel, tensor_parallel_output_grad=False)
+        x = replicate_sequence(x, self.parallel)  # CP: the whole sequence on every rank, for its own heads
         if resets is None:
             out, cache = self._segments(x, cache)
         elif cache is not None:
@@ -256,7 +258,7 @@ class MACMixer(nn.Module):
             out, cache = self._segments(laid, None, grid.starts)
             out = grid.from_grid(out.view(B, grid.chunks, self.segment, dim), B, 1, T)[:, 0]
             cache = None
-        return scatter_to_sequence_parallel_region(out, self.parallel), cache
+        return scatter_to_sequence_parallel_region(sequence_shard(out, self.parallel), self.parallel), cache
 
     def _segments(self, x: torch.Tensor, cache: MACCache | None, restarts: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, MACCache]:

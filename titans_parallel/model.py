@@ -65,8 +65,8 @@ class TitansLM(nn.Module):
     Under context parallel (cp > 1) every CP rank takes the same input_ids / labels [B, T] (T divisible by cp) and
     runs its contiguous T / cp tokens outside the mixers (`parallel.context`); logits are gathered over CP, the
     loss is the CP=1 mean on every CP rank, and each rank's parameter gradients are its part of the CP=1 gradient:
-    sum them over CP (DeepSpeed does, see pretrain/engine.py; else `sum_context_parallel_grads`). No MAC, no decoding
-    from a cache.
+    sum them over CP (DeepSpeed does, see pretrain/engine.py; else `sum_context_parallel_grads`). No decoding from a
+    cache.
 
     `parallel`: this rank's place in the TP x DP layout (`init_parallel`'s result), kept as `self.parallel`; the
     default is a single rank, which needs no process group.

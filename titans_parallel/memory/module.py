@@ -27,13 +27,7 @@ from ..parallel import (
     row_parallel_linear,
     tensor_parallel_parameter,
 )
-from ..parallel.context import (
-    context_parallel_heads,
-    gather_heads,
-    heads_to_sequence,
-    local_heads,
-    sequence_to_heads,
-)
+from ..parallel.context import context_parallel_heads, core_heads, core_output, gather_heads, local_heads
 from ..documents import document_ids
 from .chunked import memory_scan
 from .state import MemoryState, memory_mlp
@@ -109,7 +103,7 @@ class NeuralMemory(nn.Module):
     ):
         super().__init__()
         self.n_heads, self.head_dim = context_parallel_heads(n_heads, parallel), head_dim
-        self.parallel = parallel
+        self.parallel, self.full_sequence = parallel, full_sequence
         self.config = c = config if config is not None else MemoryConfig()
         self.norm_eps = norm_eps
         self.learning = True  # False: no writes and no forgetting, the memory stays at W_0 (evaluation)
@@ -212,14 +206,14 @@ class NeuralMemory(nn.Module):
         self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], conv_tail: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         H, d = self.n_heads, self.head_dim
-        proj = self.in_proj(x)  # the full sequence: under sequence parallel it gathers
+        proj = core_heads(self.in_proj(x), self.parallel, self.full_sequence)  # SP gathers, CP: this rank's heads
         B, T, _ = proj.shape
         proj = proj.view(B, T, H, 4, d)
         tail = conv_tail if conv_tail is not None else x.new_zeros(B, self.config.conv_kernel - 1, H, 1, d)
         q, tail = self._conv(proj[:, :, :, :1], tail, slice(0, 1))
         q = F.normalize(q[:, :, 0], dim=-1)
         y = memory_mlp(q.to(weights[0].dtype), weights, self.config.activation)
-        return self.out_proj(self._gated(y, proj[:, :, :, 3])), tail
+        return self.out_proj(core_output(self._gated(y, proj[:, :, :, 3]), self.parallel, self.full_sequence)), tail
 
     def _update(
         self, x: torch.Tensor, cache: NeuralMemoryCache | None = None
@@ -237,7 +231,7 @@ class NeuralMemory(nn.Module):
             raise ValueError("document resets are only taken from the start of a sequence (cache None)")
         n = 0 if prefix is None else prefix.shape[0]
         proj, gates = self.in_proj(x), self.gate_proj(x)  # the full sequence: under sequence parallel they gather
-        proj, gates = (sequence_to_heads(t, self.parallel) for t in (proj, gates))  # CP: [B, T, (H/cp) f]
+        proj, gates = (core_heads(t, self.parallel, self.full_sequence) for t in (proj, gates))  # CP: [B, T, H/cp f]
         B, T = proj.shape[:2]
         if n:  # the prefix is not a sequence shard
             prefix = prefix.to(x.dtype)
@@ -286,7 +280,7 @@ class NeuralMemory(nn.Module):
         """The scan's outputs y [B, H, n + T, d] at `prefix || x` -> (out at the prefix [B, n, dim] or None, out at
         x [B, T, dim])."""
         gated = self._gated(y, proj[:, :, :, 3])
-        out = self.out_proj(heads_to_sequence(gated[:, n:], self.parallel))
+        out = self.out_proj(core_output(gated[:, n:], self.parallel, self.full_sequence))
         prefix_out = apply_to_replicated(self.out_proj, gather_heads(gated[:, :n], self.parallel)) if n else None
         return prefix_out, out
 

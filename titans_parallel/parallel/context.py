@@ -22,6 +22,13 @@ sum of the ranks' token-loss sums over the total token count) with an identity b
 yields exactly its part of the CP=1 gradient, and summing over CP gives the CP=1 gradient. Under DeepSpeed the sum
 happens in its data-parallel reduction (pretrain/engine.py); without it, `grads.sum_context_parallel_grads`.
 
+MAC runs its segments in order over the whole sequence, so it cannot take the all-to-all: every CP rank holds the
+whole sequence (`replicate_sequence`) and runs every segment for its own heads, with each projection's heads sliced
+(`local_heads`) and gathered back (`gather_heads`) before the head-mixing output projections; the projections
+compute every head on every rank (cp times their work) and the rest of the mixer is replicated. Every collective's
+backward is its adjoint over the ranks (a gather's a reduce-scatter), so the parameter gradients stay partial per
+rank and sum over CP to the CP=1 gradient like everything else.
+
 Every function is the identity (or a plain slice) when cp == 1.
 """
 
@@ -131,6 +138,19 @@ def heads_to_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
     return _HeadsToSequence.apply(x, parallel.cp_size, parallel.cp_group)
 
 
+def core_heads(x: torch.Tensor, parallel: ParallelDims, full_sequence: bool) -> torch.Tensor:
+    """A projection [B, t, n, ...] (head-major dimension 2) -> its full-sequence core input [B, T, n/cp, ...]:
+    `sequence_to_heads` of this rank's tokens, or (`full_sequence`: every rank holds the whole sequence, MAC)
+    `local_heads`."""
+    return local_heads(x, parallel, dim=2) if full_sequence else sequence_to_heads(x, parallel)
+
+
+def core_output(y: torch.Tensor, parallel: ParallelDims, full_sequence: bool) -> torch.Tensor:
+    """The inverse of `core_heads` for the input of an output projection: `heads_to_sequence`, or
+    (`full_sequence`) `gather_heads`: every head of the whole sequence on every rank."""
+    return gather_heads(y, parallel, dim=2) if full_sequence else heads_to_sequence(y, parallel)
+
+
 class _GatherHeads(torch.autograd.Function):
     """All-gather along `dim`; backward: sum over CP (every rank's copy of the result feeds its own part of the
     loss), then this rank's slice."""
@@ -178,6 +198,33 @@ def gather_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
     if not parallel.cp_enabled:
         return x
     return _GatherSequence.apply(x, parallel)
+
+
+class _ReplicateSequence(torch.autograd.Function):
+    """All-gather along T; backward: sum over CP (each rank's use of the result is its own), this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
+        ctx.parallel = parallel
+        parts = [torch.empty_like(x) for _ in range(parallel.cp_size)]
+        dist.all_gather(parts, x.contiguous(), group=parallel.cp_group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.parallel.cp_group)
+        return sequence_shard(grad, ctx.parallel), None
+
+
+def replicate_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
+    """This rank's [B, T/cp, ...] -> the whole [B, T, ...] on every CP rank, for a mixer that runs the whole
+    sequence for its own heads on every rank (MAC; `full_sequence` layers take `local_heads` of their projections
+    and `gather_heads` before their output projection). Unlike `gather_sequence`, every rank uses the result
+    differently, so backward sums the ranks' gradients (a reduce-scatter). Identity when cp == 1."""
+    if not parallel.cp_enabled:
+        return x
+    return _ReplicateSequence.apply(x, parallel)
 
 
 class _SumForward(torch.autograd.Function):
