@@ -257,7 +257,8 @@ def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, stat
     clamped lengths before (the backward's r). One step, so torch.compile fuses the rescaling into it."""
     z, new_states, kept = _chunk_forward(act, retrieve, polyak, states, *chunk)
     norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
-    new_states = [_with_top(s, _top(s) * (t / r)) for s, t, r in zip(new_states, targets, norms)]
+    for s, t, r in zip(new_states, targets, norms):
+        _top(s).mul_(t / r)
     return z, new_states, kept, norms
 
 
