@@ -8,12 +8,15 @@ spent in the warm-up round, not timed), each with the paper's rule and with the 
 `momentum_ema`, `normalize_weights`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
 with its default batch_size=None (every inner gradient taken at the initial weights) and with batch_size = chunk
 (the paper's rule, which we compute). Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
-All runs are interleaved round by round (`timing.interleaved_medians`).
+All runs are interleaved round by round (`timing.interleaved_medians`), in wall time, or with `--clock cpu` in this
+process's CPU time (on a shared, loaded CPU box, where wall time counts the other processes' share of the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+
 import torch
 
 from timing import interleaved_medians
@@ -45,6 +48,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-peer", action="store_true", help="time titans-parallel only")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (CPU only; meaningful with one thread on a loaded box)")
     args = parser.parse_args()
     flush_denormals()
 
@@ -67,13 +72,17 @@ def main() -> None:
                 default_model_kwargs=dict(depth=args.depth, expansion_factor=4.0),
             )
     print(f"shape: B={args.batch} T={args.seq} D={args.dim} H={args.heads} d={args.head_dim} chunk={args.chunk} "
-          f"depth={args.depth} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
+          f"depth={args.depth} device={args.device} threads={torch.get_num_threads()} rounds={args.reps} "
+          f"clock={args.clock}")
 
     def fwd_bwd(module: torch.nn.Module):
         module.to(args.device)
         return lambda: module(x)[0].float().square().mean().backward()
 
-    seconds = interleaved_medians({label: fwd_bwd(m) for label, m in runs.items()}, args.warmup, args.reps, x.is_cuda)
+    clock = time.process_time if args.clock == "cpu" and not x.is_cuda else time.perf_counter
+    seconds = interleaved_medians(
+        {label: fwd_bwd(m) for label, m in runs.items()}, args.warmup, args.reps, x.is_cuda, clock
+    )
     rates = {label: tokens / s for label, s in seconds.items()}
     for label, rate in rates.items():
         print(f"{label:42s} {rate:12,.0f} tokens/s  ({seconds[label] * 1e3:8.1f} ms fwd+bwd)")

@@ -253,8 +253,8 @@ def _forward_chunks(
 
 
 def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, targets: list, *chunk):
-    """`_chunk_forward`, then every end W_l's columns rescaled in place to `targets` [BH, 1, out_l]; also returns
-    their clamped lengths before (the backward's r). One step, so torch.compile fuses the rescaling into it."""
+    """`_chunk_forward`, then every end W_l's columns rescaled to `targets` [BH, 1, out_l]; also returns their
+    clamped lengths before (the backward's r). One step, so torch.compile fuses the rescaling into it."""
     z, new_states, kept = _chunk_forward(act, retrieve, polyak, states, *chunk)
     norms = [column_norms(_top(s)).clamp_min(WEIGHT_NORM_EPS) for s in new_states]
     for s, t, r in zip(new_states, targets, norms):
@@ -264,10 +264,14 @@ def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, stat
 
 def _normalized_chunk_backward(act: Activation, retrieve: str, polyak: bool, s: "_Intermediates", chunk: list, dy,
                                d_ends: list, ends: list, targets: list, lengths: list):
-    """`_chunk_backward` of `_normalized_chunk_forward`: d_ends (of the rescaled end states, changed in place)
-    first through the rescaling (`_renormalized_backward_`, given the rescaled ends and the lengths before), then
-    through the step. Returns (the step's input gradients, the start states' gradients, the targets' gradients)."""
-    d_targets = [_renormalized_backward_(_top(d), w, t, r) for d, w, t, r in zip(d_ends, ends, targets, lengths)]
+    """`_chunk_backward` of `_normalized_chunk_forward`: d_ends (of the rescaled end states; changed in place
+    in eager mode, left as they are under torch.compile) first through the rescaling (`_renormalized_backward`,
+    given the rescaled ends and the lengths before), then through the step. Returns (the step's input gradients,
+    the start states' gradients, the targets' gradients)."""
+    d_weights, d_targets = zip(*(_renormalized_backward(_top(d), w, t, r)
+                                 for d, w, t, r in zip(d_ends, ends, targets, lengths)))
+    if torch.compiler.is_compiling():
+        d_ends = [_with_top(d, d_w) for d, d_w in zip(d_ends, d_weights)]
     chunk_grads, d_starts = _chunk_backward(act, retrieve, polyak, s, chunk, dy, d_ends)
     return chunk_grads, d_starts, d_targets
 
@@ -324,13 +328,25 @@ def _chunk_forward(
             zqs.append(z)
             x = act.fn(z)
 
-    new_states = []
-    for s, a, delta in zip(states, acts, deltas):
-        n = s.shape[1] // 2
-        new = (s.view(s.shape[0], 2, -1) * decay).view_as(s)  # [end_b W; end_eta S]
-        new[:, :n].addcmul_(s[:, n:], carry)
-        new_states.append(new.baddbmm_(_paired(a, update).transpose(-1, -2), delta, alpha=-1))
+    new_states = [_updated(s, decay, carry, _paired(a, update), delta) for s, a, delta in zip(states, acts, deltas)]
     return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores, scale)
+
+
+def _updated(stacked, decay, carry, coef_acts, delta) -> torch.Tensor:
+    """The chunk-end state [end_b W + end_f S; end_eta S] - coef_acts^T delta of a stacked [W; S] [BH, 2 in, out];
+    decay [BH, 2, 1] (end_b, end_eta), carry [BH, 1, 1] (end_f), coef_acts (g*A | m*A) [BH, C, 2 in], delta
+    [BH, C, out]. Eager: in place on one new buffer. Under torch.compile: out of place with broadcasts only, which
+    fuses into one pass after the matmul (an in-place baddbmm_ there copies the state first, and in-place ops on
+    the halves become masked scatter kernels)."""
+    if torch.compiler.is_compiling():
+        halves = stacked.unflatten(1, (2, -1))
+        carried = torch.cat([carry, torch.zeros_like(carry)], dim=1)[..., None]  # [BH, 2, 1, 1]: (end_f, 0)
+        decayed = (halves * decay[..., None] + carried * halves[:, 1:]).flatten(1, 2)
+        return decayed - coef_acts.transpose(-1, -2) @ delta
+    n = stacked.shape[1] // 2
+    new = (stacked.view(stacked.shape[0], 2, -1) * decay).view_as(stacked)  # [end_b W; end_eta S]
+    new[:, :n].addcmul_(stacked[:, n:], carry)
+    return new.baddbmm_(coef_acts.transpose(-1, -2), delta, alpha=-1)
 
 
 def _polyak_factors(acts: list, deltas: list) -> torch.Tensor:
@@ -401,7 +417,7 @@ class _ChunkLoop(torch.autograd.Function):
         if ctx.normalize:  # d_targets: the gradient of the targets in force (the call's start, then the resets')
             d_targets = [torch.zeros_like(t) for t in normalized[-1][0]]
             d_reset_targets = [torch.zeros_like(t) for t in d_targets] if reset_states else []
-            d_states = [d.clone() for d in d_states]  # updated in place below; later ones are the steps' own
+            d_states = [d.clone() for d in d_states]  # eager steps update them in place; later ones are their own
         for n in range(len(saved) - 1, -1, -1):
             chunk = [t[:, n] for t in inputs]
             if ctx.normalize:
@@ -437,21 +453,46 @@ def _kept(ctx) -> tuple[tuple, list, list, list | None]:
     return (stored[: ctx.n_tensors], *tree_unflatten(leaves, ctx.kept_spec))
 
 
-def _renormalized_backward_(
+def _renormalized_backward(
     d_weight: torch.Tensor, normalized: torch.Tensor, target: torch.Tensor, length: torch.Tensor
-) -> torch.Tensor:
-    """Backward of W' = W target / r (r = |W| per column, clamped), in place: turns dW' [BH, in, out] into dW and
-    returns the target's gradient [BH, 1, out]. With u = W' / target = W / r:
-    dW = (target / r) (dW' - u (u . dW')), d target = u . dW'."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of W' = W target / r (r = |W| per column, clamped): from dW' [BH, in, out] and W' returns (dW, the
+    target's gradient [BH, 1, out]). With u = W' / target = W / r:
+    dW = (target / r) (dW' - u (u . dW')), d target = u . dW'. Eager: dW is dW', changed in place; under
+    torch.compile out of place (an in-place update of a graph input is copied back)."""
     safe = target.clamp_min(WEIGHT_NORM_EPS)
     along = torch.linalg.vecdot(normalized, d_weight, dim=-2).unsqueeze(-2) / safe
-    d_weight.addcmul_(normalized, along / safe, value=-1).mul_(target / length)
-    return along
+    if torch.compiler.is_compiling():
+        return (d_weight - normalized * (along / safe)) * (target / length), along
+    return d_weight.addcmul_(normalized, along / safe, value=-1).mul_(target / length), along
 
 
 def _column_norms_backward_(d_weight: torch.Tensor, weight: torch.Tensor, d_norms: torch.Tensor) -> None:
     """Adds the gradient through `column_norms`(weight) [BH, 1, out] to d_weight, in place."""
     d_weight.addcmul_(weight, d_norms / column_norms(weight).clamp_min(WEIGHT_NORM_EPS))
+
+
+def _start_gradient(d_end, decay, carry, read: tuple, d_weight) -> torch.Tensor:
+    """The chunk-start state's gradient [BH, 2 in, out]: through the decay (`_updated`: dW = end_b dW',
+    dS = end_eta dS' + end_f dW', from d_end [BH, 2 in, out]), plus the retrieval's lhs @ rhs (read: lhs
+    [BH, 2 in, C], or [BH, in, C] for W alone, rhs [BH, C, out]) and the keys' d_weight [BH, in, out] (W only).
+    Eager: in place on one new buffer; under torch.compile out of place, one pass after the matmul (`_updated`)."""
+    lhs, rhs = read
+    if torch.compiler.is_compiling():
+        d_halves = d_end.unflatten(1, (2, -1))
+        carried = torch.cat([torch.zeros_like(carry), carry], dim=1)[..., None]  # [BH, 2, 1, 1]: (0, end_f)
+        weight_only = torch.tensor([1.0, 0.0], dtype=d_end.dtype, device=d_end.device)[:, None, None]
+        d_start = d_halves * decay[..., None] + carried * d_halves[:, :1] + d_weight[:, None] * weight_only
+        d_read = lhs @ rhs
+        d_read = d_read.unflatten(1, (2, -1)) if lhs.shape[1] == d_end.shape[1] else d_read[:, None] * weight_only
+        return (d_start + d_read).flatten(1, 2)
+    d_halves = d_end.view(d_end.shape[0], 2, -1)
+    d_start = d_halves * decay  # [end_b dW'; end_eta dS']
+    d_start[:, 1].addcmul_(d_halves[:, 0], carry[:, 0])
+    d_start = d_start.view_as(d_end)
+    (d_start if lhs.shape[1] == d_end.shape[1] else _top(d_start)).baddbmm_(lhs, rhs)
+    _top(d_start).add_(d_weight)
+    return d_start
 
 
 def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,7 +515,7 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
     weights = [_top(st) for st in s.states]
     # Chunk-end update: [W'; S'] = [end_b W + end_f S; end_eta S] - (g*A | m*A)^T Delta.
     d_decay, d_carry, d_update = 0, 0, 0
-    d_acts, d_deltas, d_starts = [], [], []
+    d_acts, d_deltas = [], []
     for layer in range(L):
         st, d_end, a, delta = s.states[layer], d_ends[layer], s.acts[layer], s.deltas[layer]
         d_halves, halves = d_end.view(d_end.shape[0], 2, -1), st.view(st.shape[0], 2, -1)
@@ -484,21 +525,20 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
         d_acts.append(d_a)
         d_update = d_update + d_coef
         d_deltas.append(-(_paired(a, update) @ d_end))
-        d_start = d_halves * decay  # [end_b dW'; end_eta dS']
-        d_start[:, 1].addcmul_(d_halves[:, 0], carry[:, 0])
-        d_starts.append(d_start.view_as(d_end))
 
-    # Query side, last layer first.
+    # Query side, last layer first. d_reads: the retrieval's gradients of the states [W; S] (W only for "chunk"),
+    # as the factors (lhs, rhs) of their matmul.
+    d_reads = [None] * L
     d_retrieval = torch.zeros_like(retrieval)
     d_mixing = torch.zeros_like(mixing)
     dz = dy
     for layer in range(L - 1, -1, -1):
         x = s.xs[layer]
         if retrieve == "chunk":
-            _top(d_starts[layer]).baddbmm_(x.transpose(-1, -2), dz)
+            d_reads[layer] = (x.transpose(-1, -2), dz)
             dx = dz @ weights[layer].transpose(-1, -2)
         else:
-            d_starts[layer].baddbmm_(_paired(x, retrieval).transpose(-1, -2), dz)
+            d_reads[layer] = (_paired(x, retrieval).transpose(-1, -2), dz)
             dx, d_coef = _unpaired(dz @ s.states[layer].transpose(-1, -2), x, retrieval)
             d_retrieval += d_coef
             d_scores_mixed = -(dz @ s.deltas[layer].transpose(-1, -2))  # d(mixing o U): [C, C]
@@ -536,7 +576,7 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
         d_acts[layer].baddbmm_(dz_key, weights[layer].transpose(-1, -2))
         d_key = s.acts[layer].transpose(-1, -2) @ dz_key
         d_weights[layer] = d_key if d_weights[layer] is None else d_weights[layer].add_(d_key)
-    for d_start, d_w in zip(d_starts, d_weights):
-        _top(d_start).add_(d_w)
+    d_starts = [_start_gradient(d_end, decay, carry, d_read, d_w)
+                for d_end, d_read, d_w in zip(d_ends, d_reads, d_weights)]
     dk = d_acts[0]
     return [dk, dv, dq, d_retrieval, d_mixing, d_decay, d_carry, d_update], d_starts
