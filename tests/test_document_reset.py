@@ -201,3 +201,18 @@ def test_activation_checkpointing_with_resets_gives_the_same_gradients(variant):
     assert len(grads) == len(grads_c)
     for g, g_c in zip(grads, grads_c):
         torch.testing.assert_close(g_c, g, rtol=0, atol=1e-10)
+
+
+def test_evaluation_streams_rows_with_documents_at_different_places():
+    """`stream_logits` (perplexity, NIAH, the memory's contribution) over rows whose documents start apart gives
+    the one-pass logits, in one piece and in pieces."""
+    from pretrain.eval.streaming import stream_logits
+
+    model = _model("mal")
+    rows = torch.cat(_tokens(22, 22, seed=6))
+    rows[0, 9], rows[1, [4, 15]] = EOS, EOS
+    with torch.no_grad():
+        full = model(rows)
+        for chunk in (None, 8):
+            pieces = torch.cat([logits for _, logits in stream_logits(model, rows, chunk)], dim=1)
+            torch.testing.assert_close(pieces, full, rtol=0, atol=1e-10)

@@ -19,12 +19,21 @@ def stream_logits(
     model: TitansLM, inputs: torch.Tensor, chunk: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [B, c, vocab]) for consecutive pieces inputs[:, start:start + c] of inputs [B, T],
-    c = chunk (the last piece may be shorter); chunk None or >= T: one piece, one call."""
+    c = chunk (the last piece may be shorter); chunk None or >= T: one piece, one call of the model. With
+    `model.config.document_reset` the rows are decoded one by one (each has its own documents)."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     T = inputs.shape[1]
     step = T if chunk is None else min(chunk, T)
-    cache = None
+    if step == T:
+        yield 0, model(inputs)
+        return
+    # Under model.document_reset rows start documents at different places, which no one cache can follow: one each.
+    rows = [inputs[b : b + 1] for b in range(inputs.shape[0])] if model.config.document_reset else [inputs]
+    caches = [None] * len(rows)
     for start in range(0, T, step):
-        logits, cache = model.decode(inputs[:, start : start + step], cache)
-        yield start, logits
+        pieces = []
+        for i, row in enumerate(rows):
+            logits, caches[i] = model.decode(row[:, start : start + step], caches[i])
+            pieces.append(logits)
+        yield start, torch.cat(pieces)
