@@ -19,17 +19,20 @@ def stream_logits(
     model: TitansLM, inputs: torch.Tensor, chunk: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [B, c, vocab]) for consecutive pieces inputs[:, start:start + c] of inputs [B, T],
-    c = chunk (the last piece may be shorter); chunk None or >= T: one piece, one call of the model. With
-    `model.config.document_reset` the rows are decoded one by one (each has its own documents)."""
+    c = chunk (the last piece may be shorter); chunk None or >= T: one piece, one call. `model` needs only
+    `decode(ids, cache)`; with `model.config.document_reset` one piece is one call of the model and pieces decode
+    the rows one by one (each has its own documents)."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     T = inputs.shape[1]
     step = T if chunk is None else min(chunk, T)
-    if step == T:
+    # Under model.document_reset rows start documents at different places, which no one cache can follow: one pass
+    # without a cache, or the rows one by one.
+    document_reset = getattr(getattr(model, "config", None), "document_reset", False)
+    if document_reset and step == T:
         yield 0, model(inputs)
         return
-    # Under model.document_reset rows start documents at different places, which no one cache can follow: one each.
-    rows = [inputs[b : b + 1] for b in range(inputs.shape[0])] if model.config.document_reset else [inputs]
+    rows = [inputs[b : b + 1] for b in range(inputs.shape[0])] if document_reset else [inputs]
     caches = [None] * len(rows)
     for start in range(0, T, step):
         pieces = []
