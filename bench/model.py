@@ -18,6 +18,8 @@ use the same width, depth, window and memory; memory-free layers are SWA. All ru
 from __future__ import annotations
 
 import argparse
+import time
+
 import torch
 
 from timing import interleaved_medians
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="memory variants' scan")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (a loaded box's other processes do not count)")
     parser.add_argument("--documents", type=int, default=0, help="also time each variant on rows of N+1 documents")
     parser.add_argument("--keep-denormals", action="store_true", help="CPU: leave flush-to-zero off (pretrain/denormals.py)")
     args = parser.parse_args()
@@ -86,7 +90,7 @@ def main() -> None:
         for row in t:
             row[torch.randperm(T - 1)[: args.documents] + 1] = EOS
     print(f"shape: B={args.batch} T={','.join(map(str, args.seq))} D={args.dim} layers={args.layers} window/segment={args.window} "
-          f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()} rounds={args.reps}")
+          f"chunk={args.chunk} device={args.device} threads={torch.get_num_threads()} rounds={args.reps} clock={args.clock}")
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     models: dict[str, torch.nn.Module] = {}
     for variant in args.variants.split(","):
@@ -107,7 +111,9 @@ def main() -> None:
 
     steps = {(n, T): fwd_bwd(n, m, (packed if n.endswith("documents") else ids)[T])
              for n, m in models.items() for T in args.seq}
-    seconds = interleaved_medians(steps, args.warmup, args.reps, args.device.startswith("cuda"))
+    cuda = args.device.startswith("cuda")
+    clock = time.process_time if args.clock == "cpu" and not cuda else time.perf_counter
+    seconds = interleaved_medians(steps, args.warmup, args.reps, cuda, clock)
     rates = {key: args.batch * key[1] / s for key, s in seconds.items()}
     lengths = "".join(f"{f'T={T}':>12s}" for T in args.seq)
     print(f"{'tokens/s':48s} {'params':>7s} {lengths}" + (f" {'last/first':>11s}" if len(args.seq) > 1 else ""))
