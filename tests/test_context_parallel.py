@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from parallel_harness import run_ranks
 from test_model import tiny_config
+from test_model_parallel import _error_message
 from test_parallel_layers import _full as _full_over_tp
 from test_parallel_layers import _rel
 from titans_parallel import TitansLM
@@ -172,14 +173,6 @@ def _compare(ours: dict, ref: dict) -> dict:
         "grads": {name: _rel(g, ref["params"][name][1]) for name, (_, g, _) in params.items()},
         "own grads": {name: _rel(o, ref["params"][name][1]) for name, (_, _, o) in params.items()},
     }
-
-
-def _error_message(fn, *args) -> str:
-    try:
-        fn(*args)
-    except (ValueError, NotImplementedError) as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def _model_suite(rank: int, world_size: int, tp: int, modes: tuple[bool, ...]) -> dict:

@@ -151,6 +151,13 @@ def core_output(y: torch.Tensor, parallel: ParallelDims, full_sequence: bool) ->
     return gather_heads(y, parallel, dim=2) if full_sequence else heads_to_sequence(y, parallel)
 
 
+def _all_gather(x: torch.Tensor, dim: int, parallel: ParallelDims) -> torch.Tensor:
+    """The CP ranks' x concatenated along `dim`, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(parallel.cp_size)]
+    dist.all_gather(parts, x.contiguous(), group=parallel.cp_group)
+    return torch.cat(parts, dim=dim)
+
+
 class _GatherHeads(torch.autograd.Function):
     """All-gather along `dim`; backward: sum over CP (every rank's copy of the result feeds its own part of the
     loss), then this rank's slice."""
@@ -158,9 +165,7 @@ class _GatherHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, parallel: ParallelDims) -> torch.Tensor:
         ctx.dim, ctx.parallel = dim, parallel
-        parts = [torch.empty_like(x) for _ in range(parallel.cp_size)]
-        dist.all_gather(parts, x.contiguous(), group=parallel.cp_group)
-        return torch.cat(parts, dim=dim)
+        return _all_gather(x, dim, parallel)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -182,9 +187,7 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
         ctx.parallel = parallel
-        parts = [torch.empty_like(x) for _ in range(parallel.cp_size)]
-        dist.all_gather(parts, x.contiguous(), group=parallel.cp_group)
-        return torch.cat(parts, dim=1)
+        return _all_gather(x, 1, parallel)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -206,9 +209,7 @@ class _ReplicateSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
         ctx.parallel = parallel
-        parts = [torch.empty_like(x) for _ in range(parallel.cp_size)]
-        dist.all_gather(parts, x.contiguous(), group=parallel.cp_group)
-        return torch.cat(parts, dim=1)
+        return _all_gather(x, 1, parallel)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
