@@ -36,14 +36,15 @@ EOS = 2
 
 
 def our_model(variant: str, compiled: bool, args, parallel: ParallelDims = SINGLE_RANK,
-              document_reset: bool = False) -> TitansLM:
-    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does; built with `parallel`."""
+              document_reset: bool = False, n_heads: int | None = None, expansion: int = 4) -> TitansLM:
+    """Titans variants put memory in layers 2 and 4 of 4 (SWA elsewhere), as the peer does; built with `parallel`.
+    n_heads defaults to dim // 64; expansion is the memory MLP's."""
     pattern = None
     if variant in MEMORY_KINDS and args.layers == 4:
         pattern = ["swa", variant, "swa", variant]
-    memory = MemoryConfig(chunk_size=args.chunk, depth=2, expansion=4, compile_scan=compiled)
+    memory = MemoryConfig(chunk_size=args.chunk, depth=2, expansion=expansion, compile_scan=compiled)
     config = ModelConfig(
-        vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, variant=variant,
+        vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=n_heads or args.dim // 64, variant=variant,
         layer_pattern=pattern, window=args.window, memory=memory, document_reset=document_reset, eos_id=EOS,
     )
     return TitansLM(config, parallel)

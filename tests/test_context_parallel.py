@@ -285,7 +285,8 @@ def test_world_size_not_divisible_by_tp_times_cp_fails_before_any_process_group(
 def test_cp_training_follows_one_rank(tmp_path, zero_stage):
     """The real job under DeepSpeed: CP=2 on 2 ranks (the engine sums gradients over CP, ZeRO partitions over
     DP x CP) follows the one-rank trajectory on the same batches: losses and gradient norms over 10 steps, and its
-    checkpoint (recording parallel.cp) converts to the one-rank run's weights."""
+    checkpoint (recording parallel.cp) converts (pretrain.convert, safetensors) to the one-rank run's weights and
+    logits."""
     from test_train import _run_job
 
     sections = {"train": {"zero_stage": zero_stage}, "model": {"variant": "mag"}}
@@ -304,6 +305,12 @@ def test_cp_training_follows_one_rank(tmp_path, zero_stage):
     assert cp_config["parallel"]["cp"] == 2 and cp_step == one_step == 10 and cp_state.keys() == one_state.keys()
     bad = {k: _rel(v, one_state[k]) for k, v in cp_state.items() if not _rel(v, one_state[k]) <= 1e-4}
     assert not bad, bad
+    from pretrain.convert import convert, load_model
+
+    cp_model, one_model = (load_model(convert(tmp_path / n, tmp_path / f"{n}-st", "safetensors")) for n in ("cp2", "one"))
+    ids = torch.randint(0, cp_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(cp_model(ids), one_model(ids)) <= 1e-4
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ CONFIGS = {
     "zero2": ["train.zero_stage=2"],
     "zero3": ["train.zero_stage=3"],
     "tp2": ["parallel.tp=2", "train.zero_stage=1"],
+    "cp2": ["parallel.cp=2", "model.variant=mag", "model.layer_pattern=[swa,mag,swa,mag]", "train.zero_stage=2"],
 }
 
 
