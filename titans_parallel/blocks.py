@@ -255,15 +255,16 @@ class MACMixer(nn.Module):
             B, T, dim = x.shape
             grid = ChunkGrid.from_resets(resets, self.segment)
             laid = grid.to_grid(x[:, None], 0.0).view(B, -1, dim)
-            out, cache = self._segments(laid, None, grid.starts)
+            out, cache = self._segments(laid, None, grid)
             out = grid.from_grid(out.view(B, grid.chunks, self.segment, dim), B, 1, T)[:, 0]
             cache = None
         return scatter_to_sequence_parallel_region(sequence_shard(out, self.parallel), self.parallel), cache
 
-    def _segments(self, x: torch.Tensor, cache: MACCache | None, restarts: torch.Tensor | None = None
+    def _segments(self, x: torch.Tensor, cache: MACCache | None, grid: ChunkGrid | None = None
                   ) -> tuple[torch.Tensor, MACCache]:
-        """The segment loop over x [B, T, dim] (the full sequence) after `cache`; restarts [B, N] bool (x laid out
-        in whole segments, cache None): the rows whose memory restarts at segment n."""
+        """The segment loop over x [B, T, dim] (the full sequence) after `cache`; with `grid` (x laid out in its
+        whole segments, cache None) the rows flagged in grid.starts[:, n] restart their memory at segment n, at
+        the segments some row restarts (grid.restart_chunks, known on the host)."""
         initial = self.memory.initial_cache(x.shape[0]) if cache is None else None
         if cache is None:
             cache = MACCache(initial, initial.memory.weights, None, None, 0)
@@ -272,8 +273,8 @@ class MACMixer(nn.Module):
         )
         outputs, start = [], 0
         while start < x.shape[1]:
-            if restarts is not None:
-                rows = restarts[:, start // self.segment]
+            if grid is not None and start // self.segment in grid.restart_chunks:
+                rows = grid.starts[:, start // self.segment]
                 memory_cache = _restarted_rows(memory_cache, initial, rows)
                 read_tail = None if read_tail is None else read_tail.masked_fill(rows.view(-1, 1, 1, 1, 1), 0)
             if offset == 0:
