@@ -216,3 +216,21 @@ def test_evaluation_streams_rows_with_documents_at_different_places():
         for chunk in (None, 8):
             pieces = torch.cat([logits for _, logits in stream_logits(model, rows, chunk)], dim=1)
             torch.testing.assert_close(pieces, full, rtol=0, atol=1e-10)
+
+
+def test_a_dataset_without_eos_id_is_named(tmp_path):
+    """model.document_reset with eos_id unset and a manifest that lacks eos_id: the error names the file and key."""
+    import json
+
+    from pretrain.batches import with_dataset_eos_id
+    from pretrain.data import ManifestError
+    from pretrain.data.shards import FORMAT, MANIFEST
+    from test_train import job
+
+    manifest = {"format": FORMAT, "seq_len": 16, "vocab_size": 64, "dtype": "uint16", "tokenizer": "tokenizer.model",
+                "splits": {}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    config = job(model={"document_reset": True})
+    with pytest.raises(ManifestError, match=r"manifest.json has no eos_id.*model.eos_id"):
+        with_dataset_eos_id(config, tmp_path)
+    assert with_dataset_eos_id(job(), tmp_path).model.eos_id is None  # option off: the manifest is not read
