@@ -6,7 +6,7 @@ on this host), with and without activation checkpointing, over widths and sequen
         --seq 4096 16384 65536 --cp 1 2 --activation-checkpointing both --reps 1
 
 Shapes (4 layers, memory in layers 2 and 4, SWA elsewhere, B=1): `bench` is bench/model.py's (D=256, 4 heads,
-window 128, memory depth 2 expansion 4 chunk 16); `tiny` is configs/model/tiny.yaml's (D=128, 4 heads, window 64,
+window 128, memory depth 2 expansion 4 chunk 16); `tiny` is configs/model/tiny.yaml's width (D=128, 4 heads; window 64,
 memory depth 2 expansion 2 chunk 16) with the variant's layers where it has MAC. --dim/--heads give other widths
 (heads pairwise; they must divide by every cp).
 
