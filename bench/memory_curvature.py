@@ -6,8 +6,9 @@
     OMP_NUM_THREADS=1 python bench/memory_curvature.py --part recall     # 3. the associative-store probe, per step factor
 
 A float64 token loop (chunk 1) of the default rule (momentum_ema, normalize_weights) whose step factor c_t is one
-of: `polyak` (the scan's: 2 l / (|g|^2 + 4 rho l)), `exact` (1 / (2 (lambda_max(K) + rho)), the normalised-LMS step)
-or `trace` (1 / (2 (trace bound + rho))). With J = d f(k; W) / dW and r = f(k; W) - v, K = J J^T =
+of: `polyak` (the scan's: 2 l / (|g|^2 + 4 rho l)), `exact` (1 / (2 (lambda_max(K) + rho)), the normalised-LMS step),
+`trace` (1 / (2 (trace bound + rho))) or `power1` / `power2` (lambda_max estimated by a Rayleigh quotient after
+1/2 or 1 power steps from r: `power_estimate`). With J = d f(k; W) / dW and r = f(k; W) - v, K = J J^T =
 sum_l |A_{l-1}|^2 B_l B_l^T (A_{l-1}: layer l's input, B_l = d f / d z_l); |g|^2 = 4 r^T K r. In the Gauss-Newton
 view the step's state Jacobian has an eigenvalue near 1 - theta c 2 lambda_max, which is below -1 (the map
 expands) once theta * lambda_max |r|^2 / r^T K r > 2 under the Polyak factor: that ratio is 1 for a linear memory
@@ -30,7 +31,7 @@ from titans_parallel.memory.reference import memory_scan_reference
 RHO, EPS, GATE_EPS, NORM_EPS = 1e-2, 1e-12, 1e-6, 1e-12
 EXPANSION, WIDTH = 4, 32
 DTYPE = torch.float64
-FACTORS = ("polyak", "exact", "trace")
+FACTORS = ("polyak", "exact", "trace", "power1", "power2")
 
 
 def initial_weights(batch: int, depth: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -64,6 +65,18 @@ def mlp(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
 
 def column_norms(w: torch.Tensor) -> torch.Tensor:
     return w.square().sum(-2, keepdim=True).sqrt()
+
+
+def power_estimate(K: torch.Tensor, r: torch.Tensor, power: int) -> torch.Tensor:
+    """r^T K^(p+1) r / r^T K^p r: the Rayleigh quotient after p/2 power steps from r, <= lambda_max (p = 0: the
+    Polyak factor's curvature). p = 1 is |J g|^2 / |g|^2, one JVP of the memory along its own gradient."""
+    u = r
+    for _ in range(power // 2):
+        u = torch.einsum("bop,bp->bo", K, u)
+    Ku = torch.einsum("bop,bp->bo", K, u)
+    if power % 2:
+        return Ku.square().sum(-1) / (u * Ku).sum(-1)
+    return (u * Ku).sum(-1) / u.square().sum(-1)
 
 
 def scan(q, k, v, theta, eta, alpha, weights, factor: str = "polyak", record: bool = False):
@@ -103,8 +116,10 @@ def scan(q, k, v, theta, eta, alpha, weights, factor: str = "polyak", record: bo
             c = 2 * loss / (grad_sq + 4 * RHO * loss + EPS)
         elif factor == "exact":
             c = 1 / (2 * (torch.linalg.eigvalsh(K)[..., -1] + RHO))
-        else:
+        elif factor == "trace":
             c = 1 / (2 * (trace_bound + RHO))
+        else:
+            c = 1 / (2 * (power_estimate(K, r, int(factor[-1])) + RHO))
         if record:
             with torch.no_grad():
                 lam = torch.linalg.eigvalsh(K)[..., -1]
