@@ -184,14 +184,19 @@ def gather_heads(x: torch.Tensor, parallel: ParallelDims, dim: int = -1) -> torc
 
 
 class _GatherSequence(torch.autograd.Function):
+    """All-gather along T; backward: this rank's slice of the gradient, first summed over CP with `sum_grads`."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
-        ctx.parallel = parallel
+    def forward(ctx, x: torch.Tensor, parallel: ParallelDims, sum_grads: bool) -> torch.Tensor:
+        ctx.parallel, ctx.sum_grads = parallel, sum_grads
         return _all_gather(x, 1, parallel)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return sequence_shard(grad, ctx.parallel), None
+        if ctx.sum_grads:
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=ctx.parallel.cp_group)
+        return sequence_shard(grad, ctx.parallel), None, None
 
 
 def gather_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
@@ -200,22 +205,7 @@ def gather_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
     gradient). Identity when cp == 1."""
     if not parallel.cp_enabled:
         return x
-    return _GatherSequence.apply(x, parallel)
-
-
-class _ReplicateSequence(torch.autograd.Function):
-    """All-gather along T; backward: sum over CP (each rank's use of the result is its own), this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
-        ctx.parallel = parallel
-        return _all_gather(x, 1, parallel)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.parallel.cp_group)
-        return sequence_shard(grad, ctx.parallel), None
+    return _GatherSequence.apply(x, parallel, False)
 
 
 def replicate_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
@@ -225,7 +215,7 @@ def replicate_sequence(x: torch.Tensor, parallel: ParallelDims) -> torch.Tensor:
     differently, so backward sums the ranks' gradients (a reduce-scatter). Identity when cp == 1."""
     if not parallel.cp_enabled:
         return x
-    return _ReplicateSequence.apply(x, parallel)
+    return _GatherSequence.apply(x, parallel, True)
 
 
 class _SumForward(torch.autograd.Function):
