@@ -5,7 +5,7 @@
 
 Ours runs four times: eager and with `compile_scan=True` (each chunk step through torch.compile; its compile time is
 spent in the warm-up round, not timed), each with the paper's rule and with the default stabilisers (`polyak_step`,
-`momentum_ema`, `normalize_weights`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
+`momentum_ema`, `normalize_weights`, and beyond depth 2 the bounded step's `power_steps`: docs/memory.md). Peers (pip install -r requirements-bench.txt): titans_pytorch.NeuralMemory
 with its default batch_size=None (every inner gradient taken at the initial weights) and with batch_size = chunk
 (the paper's rule, which we compute). Both memories are depth-2 MLPs with expansion 4 (lucidrains' default).
 All runs are interleaved round by round (`timing.interleaved_medians`), in wall time, or with `--clock cpu` in this

@@ -7,7 +7,8 @@
    theta = theta_max * sigmoid(n), eta = sigmoid(n), alpha = sigmoid(n - 4), n ~ N(0, 1)) for every theta_max,
    depth, chunk size and input precision; reports whether outputs, end state and every input gradient are finite,
    the largest |W| at the end and the largest input-gradient norm, for each rule in --rules: the paper's rule,
-   the stabilised rule (polyak_step + momentum_ema) and that rule with normalize_weights.
+   the stabilised rule (polyak_step + momentum_ema), that rule with normalize_weights, that with the bounded
+   step (power_steps 4) and `defaults` (MemoryConfig's at each depth: the bounded step deeper than 2).
 2. store: the memory alone as an associative store: --pairs random key/value pairs, then --filler random writes,
    constant gates (eta 0.9, alpha 0); recall = the share of the pairs' keys whose retrieval is nearest (cosine) to
    their own value among the pairs' values. Swept over theta_max for each rule.
@@ -23,13 +24,25 @@ import time
 import torch
 import torch.nn.functional as F
 
+from titans_parallel.config import MemoryConfig
 from titans_parallel.memory import MemoryState, memory_scan
 
 RULES = {
     "paper": {},
     "stabilised": dict(polyak_step=True, momentum_ema=True),
     "normalised": dict(polyak_step=True, momentum_ema=True, normalize_weights=True),
+    "bounded": dict(polyak_step=True, momentum_ema=True, normalize_weights=True, power_steps=4),
+    "defaults": None,  # MemoryConfig's at each depth: `normalised`, and `bounded` deeper than 2
 }
+
+
+def rule_options(rule: str, depth: int) -> dict:
+    """The scan options of a rule at a memory depth."""
+    if RULES[rule] is not None:
+        return RULES[rule]
+    config = MemoryConfig(depth=depth)
+    return dict(polyak_step=config.polyak_step, momentum_ema=config.momentum_ema,
+                normalize_weights=config.normalize_weights, power_steps=config.power_steps)
 
 
 def initial_state(batch: int, heads: int, width: int, depth: int, expansion: int, g: torch.Generator) -> MemoryState:
@@ -72,7 +85,8 @@ def run_sweep(args) -> None:
         start = time.perf_counter()
         cells = []
         for theta_max in args.thetas:
-            finite, w_max, grad_norm = sweep_case(theta_max, depth, chunk, dtypes[dtype], RULES[rule], args)
+            options = rule_options(rule, depth)
+            finite, w_max, grad_norm = sweep_case(theta_max, depth, chunk, dtypes[dtype], options, args)
             failures[rule] += not finite
             cells.append(f"{'ok' if finite else 'NONFINITE':>9s} {w_max:6.2g} {grad_norm:7.1e}")
         print(f"{rule:11s} {depth:5d} {chunk:5d} {dtype:>5s} " + " ".join(cells) +
@@ -104,7 +118,7 @@ def run_store(args) -> None:
           f"eta 0.9, chunk 16; recall of the pairs (chance {1 / args.pairs:.2f})")
     print(f"{'rule':11s} " + " ".join(f"{t:>7g}" for t in args.store_thetas) + "   best / at best/3 / at best*3")
     for rule in args.rules:
-        options = RULES[rule]
+        options = rule_options(rule, args.store_depth)
         recalls = [store_recall(t, options, args) for t in args.store_thetas]
         best = max(range(len(recalls)), key=recalls.__getitem__)
         around = [recalls[i] if 0 <= i < len(recalls) else float("nan") for i in (best - 1, best + 1)]

@@ -112,6 +112,7 @@ def test_override_values_are_parsed_like_yaml(override, get, expected):
         ("model.norm_eps=0", "model.norm_eps"),
         ("model.memory.chunk_size=0", "model.memory.chunk_size"),
         ("model.memory.theta_max=-0.01", "model.memory.theta_max"),
+        ("model.memory.power_steps=-1", "model.memory.power_steps"),
         ("data.seq_len=0", "data.seq_len"),
         ("data.num_workers=-1", "data.num_workers"),
         ("parallel.tp=0", "parallel.tp"),
@@ -131,6 +132,22 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, key):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{TINY}: {key}"), message
+
+
+@pytest.mark.parametrize("depth,polyak_step,expected", [(1, True, 0), (2, True, 0), (3, True, 4), (4, True, 4),
+                                                       (4, False, 0)])
+def test_power_steps_default_follows_the_memory_depth(depth, polyak_step, expected):
+    """Unset, the bounded step's power steps are 0 up to depth 2 and 4 deeper (with the Polyak step only)."""
+    config = load_job_config(TINY, [f"model.memory.depth={depth}", f"model.memory.polyak_step={polyak_step}"])
+    assert config.model.memory.power_steps == expected
+    if polyak_step:  # set, it is kept at any depth
+        assert load_job_config(TINY, [f"model.memory.depth={depth}", "model.memory.power_steps=1"]
+                               ).model.memory.power_steps == 1
+
+
+def test_power_steps_need_the_polyak_step():
+    with pytest.raises(ConfigError, match=r"model\.memory\.power_steps: = 2 sizes the Polyak step"):
+        load_job_config(TINY, ["model.memory.power_steps=2", "model.memory.polyak_step=false"])
 
 
 def test_values_are_validated_when_built_in_code_too():

@@ -83,7 +83,7 @@ def test_token_loop_scans_each_document_alone(chunk_size, retrieve, options):
         assert max_state_diff(row(end, b), end_doc) <= 1e-10
 
 
-@pytest.mark.parametrize("options", [{}] + STABILISERS, ids=["paper", "polyak", "ema", "normalize", "all"])
+@pytest.mark.parametrize("options", [{}] + STABILISERS, ids=["paper", "polyak", "ema", "normalize", "all", "bounded"])
 @pytest.mark.parametrize("retrieve", RETRIEVES)
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_chunked_matches_token_loop_with_resets(chunk_size, retrieve, options):
@@ -116,7 +116,7 @@ def test_autograd_backward_matches_token_loop_with_resets(chunk_size, options):
     assert_close(ours, loss_and_grads(memory_scan_reference, inputs, state, reset_state, **kw))
 
 
-@pytest.mark.parametrize("options", [{}] + STABILISERS, ids=["paper", "polyak", "ema", "normalize", "all"])
+@pytest.mark.parametrize("options", [{}] + STABILISERS, ids=["paper", "polyak", "ema", "normalize", "all", "bounded"])
 @pytest.mark.parametrize("retrieve", RETRIEVES)
 def test_explicit_backward_matches_autograd_with_resets(retrieve, options):
     """Depth 3, chunk 8, T = 45 with resets scattered over both rows (one at the last token)."""

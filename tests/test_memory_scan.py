@@ -66,7 +66,9 @@ def test_gradients_match_token_loop(depth, chunk_size, retrieve):
 
 
 ALL_STABILISERS = dict(polyak_step=True, momentum_ema=True, normalize_weights=True)
-STABILISERS = [dict(polyak_step=True), dict(momentum_ema=True), dict(normalize_weights=True), ALL_STABILISERS]
+BOUNDED = dict(ALL_STABILISERS, power_steps=2)  # with the bounded step
+STABILISERS = [dict(polyak_step=True), dict(momentum_ema=True), dict(normalize_weights=True), ALL_STABILISERS,
+               dict(polyak_step=True, power_steps=3)]
 
 
 @pytest.mark.parametrize("options", STABILISERS)
@@ -94,6 +96,63 @@ def test_stabilisers_change_the_rule(options):
     y, _ = memory_scan(**inputs, state=state, chunk_size=4)
     y_opt, _ = memory_scan(**inputs, state=state, chunk_size=4, **options)
     assert (y - y_opt).abs().max().item() > 1e-3
+
+
+def test_bounded_step_converges_to_the_largest_curvature():
+    """With many power steps a token's factor is 1 / (2 (lambda_max(J J^T) + rho)), J = df(k; W)/dW from
+    torch.func.jacrev and lambda_max from eigvalsh: one step from W_0 (theta 1, no momentum or forgetting)."""
+    inputs, state = make_inputs(T=1, depth=3, seed=14, momentum_scale=0.0)
+    ones, zeros = torch.ones_like(inputs["theta"]), torch.zeros_like(inputs["theta"])
+    inputs = {**inputs, "theta": ones, "eta": zeros, "alpha": zeros}
+    y, _ = memory_scan(**inputs, state=state, chunk_size=1, polyak_step=True, power_steps=200)
+    y_polyak, _ = memory_scan(**inputs, state=state, chunk_size=1, polyak_step=True)
+    k, v, q = (inputs[n][..., 0, :] for n in ("k", "v", "q"))  # [B, H, d]
+
+    def mlp(x, weights):
+        for layer, w in enumerate(weights):
+            x = x @ w
+            x = torch.nn.functional.silu(x) if layer < len(weights) - 1 else x
+        return x
+
+    rho = 1e-2  # state.POLYAK_CURVATURE_FLOOR
+    for b in range(B):
+        for h in range(H):
+            w0 = tuple(w[b, h] for w in state.weights)
+            jac = torch.func.jacrev(lambda *ws: mlp(k[b, h], ws), argnums=tuple(range(len(w0))))(*w0)
+            J = torch.cat([j.flatten(1) for j in jac], dim=1)  # [d_out, all weights]
+            c = 1 / (2 * (torch.linalg.eigvalsh(J @ J.T)[-1] + rho))
+            step = -c * 2 * (J.T @ (mlp(k[b, h], w0) - v[b, h]))
+            sizes = [w.numel() for w in w0]
+            w1 = tuple(w + s.view_as(w) for w, s in zip(w0, step.split(sizes)))
+            assert (y[b, h, 0] - mlp(q[b, h], w1)).abs().max().item() <= 1e-10
+    assert (y - y_polyak).abs().max().item() > 1e-3  # the largest curvature is not the error's
+
+
+def test_bounded_step_is_the_polyak_step_at_depth_1():
+    """A linear memory's K = |k|^2 I has one curvature, so power steps change nothing."""
+    inputs, state = make_inputs(T=19, depth=1, seed=15)
+    y, end = memory_scan(**inputs, state=state, chunk_size=4, **ALL_STABILISERS)
+    y_bounded, end_bounded = memory_scan(**inputs, state=state, chunk_size=4, **BOUNDED)
+    assert (y - y_bounded).abs().max().item() <= 1e-10
+    assert max_state_diff(end, end_bounded) <= 1e-10
+
+
+@pytest.mark.parametrize("options,ratio", [(ALL_STABILISERS, 1e6), (BOUNDED, 1.0)])
+def test_bounded_step_keeps_a_deep_memory_differentiable(options, ratio):
+    """Depth 4 at theta_max 1 (the sweep's draw, float64, T=1024, chunk 16): the outer gradient explodes with the
+    Polyak step (its curvature is the error's, below K's largest) and stays of order one with the bounded step."""
+    g = torch.Generator().manual_seed(0)
+    T, d = 1024, 32
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 1, T, d, generator=g, dtype=F64), dim=-1) for _ in range(2))
+    v = torch.randn(1, 1, T, d, generator=g, dtype=F64)
+    gates = [torch.sigmoid(torch.randn(1, 1, T, generator=g, dtype=F64) + shift) for shift in (0, 0, -4)]
+    widths = [d, 4 * d, 4 * d, 4 * d, d]
+    weights = tuple(torch.randn(1, 1, a, b, generator=g, dtype=F64) / a**0.5 for a, b in zip(widths, widths[1:]))
+    leaves = [t.requires_grad_() for t in (q, k, v, *gates)]
+    y, end = memory_scan(*leaves, MemoryState.from_weights(weights), chunk_size=16, **options)
+    loss = y.square().mean() + sum(w.square().mean() for w in end.weights)
+    norm = max(grad.norm().item() for grad in torch.autograd.grad(loss, leaves))
+    assert (norm > ratio) if options is ALL_STABILISERS else (norm < ratio), norm
 
 
 def test_normalize_weights_keeps_the_column_norms():
@@ -136,7 +195,7 @@ def test_gelu_activation_matches_token_loop():
         assert (ours[name] - ref[name]).abs().max().item() <= 1e-10 * (ref[name].abs().max().item() + 1.0), name
 
 
-@pytest.mark.parametrize("options", [{}, ALL_STABILISERS])
+@pytest.mark.parametrize("options", [{}, ALL_STABILISERS, BOUNDED])
 @pytest.mark.parametrize("split", [3, 6, 12, 21])
 def test_state_carry_equals_one_call(split, options):
     """With normalize_weights too: the carried state's column norms are the first call's targets."""
@@ -207,6 +266,11 @@ def test_bad_arguments_are_named():
         memory_scan(**inputs, state=MemoryState(state.weights[:1] + state.weights[:1], state.momentum))
     with pytest.raises(ValueError, match="explicit"):
         memory_scan(**inputs, state=state, backward="autograd", compile=True)
+    with pytest.raises(ValueError, match="power_steps must be an int >= 0"):
+        memory_scan(**inputs, state=state, polyak_step=True, power_steps=-1)
+    for scan in (memory_scan, memory_scan_reference):
+        with pytest.raises(ValueError, match="power_steps=2 sets the Polyak step's curvature"):
+            scan(**inputs, state=state, power_steps=2)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -237,7 +301,7 @@ def test_only_some_outputs_used():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "retrieve,options", [("inclusive", {}), ("chunk", {}), ("inclusive", ALL_STABILISERS)]
+    "retrieve,options", [("inclusive", {}), ("chunk", {}), ("inclusive", ALL_STABILISERS), ("inclusive", BOUNDED)]
 )
 def test_compiled_chunk_steps_match_token_loop(retrieve, options):
     """compile=True (torch.compile of each full chunk's forward and backward step) computes the same function:

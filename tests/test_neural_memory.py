@@ -71,3 +71,14 @@ def test_heads_are_independent():
     after = outputs["pre_out"].view(1, 9, 3, 8)
     assert torch.equal(before[:, :, [0, 2]], after[:, :, [0, 2]])
     assert not torch.allclose(before[:, :, 1], after[:, :, 1])
+
+
+def test_a_deep_memory_takes_the_bounded_step_by_default():
+    """MemoryConfig resolves power_steps from the depth (4 beyond depth 2) and the module's scan uses it."""
+    memory = make_memory(depth=3)
+    assert memory.config.power_steps == 4 and make_memory(depth=2).config.power_steps == 0
+    x = torch.randn(2, 21, 24, dtype=F64)
+    y, _ = memory(x)
+    memory.config.power_steps = 0
+    y_polyak, _ = memory(x)
+    assert (y - y_polyak).abs().max().item() > 1e-8

@@ -13,7 +13,12 @@ MEMORY_KINDS = ("mac", "mag", "mal", "lmm")  # the layer kinds with a neural mem
 _VARIANT_LAYER = {"transformer": "attn"}  # every other variant names its own layer kind
 # MemoryConfig options added after models were first saved, at the value that reproduces a model saved before them
 # (each is off in the paper's rule): a saved config without the key was trained without the option.
-OPTIONS_ABSENT_FROM_OLDER_SAVES = {"polyak_step": False, "momentum_ema": False, "normalize_weights": False}
+OPTIONS_ABSENT_FROM_OLDER_SAVES = {"polyak_step": False, "momentum_ema": False, "normalize_weights": False,
+                                   "power_steps": 0}
+# Depths up to which the Polyak step needs no power steps (at depth 1 its curvature is K's only eigenvalue; depth 2
+# stays finite over theta_max 0.01-1 without them), and the power steps deeper memories get by default
+# (docs/memory.md, "The bounded step").
+POLYAK_ONLY_DEPTH, DEEP_POWER_STEPS = 2, 4
 
 
 @dataclass
@@ -32,11 +37,20 @@ class MemoryConfig:
     polyak_step: bool = True  # each token's step scaled to the Polyak step of its own loss (theta 1 = full correction)
     momentum_ema: bool = True  # theta_t -> theta_t (1 - eta_t): momentum averages the steps instead of summing them
     normalize_weights: bool = True  # at every chunk end the memory's weight columns keep their initial lengths
+    # With polyak_step: power steps towards the memory's largest curvature that size each step (the bounded step);
+    # 0 = the curvature along the token's own error. None: 0 up to depth 2, 4 deeper (resolved at construction).
+    power_steps: int | None = None
 
     def __post_init__(self):
         for name in ("depth", "expansion", "chunk_size", "conv_kernel"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.theta_max >= 0, "theta_max", f"must be >= 0, got {self.theta_max}")
+        if self.power_steps is None:
+            deep = self.polyak_step and self.depth > POLYAK_ONLY_DEPTH
+            self.power_steps = DEEP_POWER_STEPS if deep else 0
+        check(self.power_steps >= 0, "power_steps", f"must be >= 0, got {self.power_steps}")
+        check(self.polyak_step or self.power_steps == 0, "power_steps",
+              f"= {self.power_steps} sizes the Polyak step; it needs polyak_step: true")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -32,13 +33,16 @@ from .state import (
     GATE_EPS,
     POLYAK_CURVATURE_FLOOR,
     POLYAK_EPS,
+    POWER_EPS,
     WEIGHT_NORM_EPS,
     Activation,
     MemoryState,
+    check_power_steps,
     check_resets,
     check_scan_args,
     column_norms,
     effective_theta,
+    curvature_scale,
     polyak_scale,
 )
 
@@ -110,6 +114,7 @@ def memory_scan(
     normalize_weights: bool = False,
     resets: torch.Tensor | None = None,
     reset_state: MemoryState | None = None,
+    power_steps: int = 0,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Run the neural memory over a sequence; returns (y [B, H, T, d_out] in q's dtype, state at the end).
 
@@ -121,7 +126,9 @@ def memory_scan(
     backward) through torch.compile, fusing their elementwise work; each new shape compiles once (~10 s on CPU).
     Stabilisers (docs/memory.md; both off = the paper's rule): `momentum_ema` scales theta_t by (1 - eta_t);
     `polyak_step` scales token t's step by `state.polyak_scale` of its loss and gradient at the chunk-start state
-    (a per-token factor of the mixing and update coefficients, computed inside each chunk step);
+    (a per-token factor of the mixing and update coefficients, computed inside each chunk step); with
+    `power_steps` n > 0 its curvature is the largest curvature of the memory's output instead, estimated by n power
+    steps (`state.curvature_scale`);
     `normalize_weights` rescales every W_l's columns at each chunk end to their lengths at the call's start
     (`state.renormalized`; the explicit backward maps gradients through it between chunk steps).
     Document resets: `resets` [B, T] bool, True at the first token of a document; the state before it becomes
@@ -134,6 +141,7 @@ def memory_scan(
     """
     check_scan_args(q, k, v, theta, eta, alpha, state, chunk_size, retrieve, activation)
     check_resets(resets, reset_state, state, q)
+    polyak = check_power_steps(power_steps, polyak_step)
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}; got {backward!r}")
     if compile and backward != "explicit":
@@ -155,12 +163,12 @@ def memory_scan(
         if backward == "explicit":
             compiled = compile and C == chunk_size
             y, *stacked = _ChunkLoop.apply(
-                activation, retrieve, polyak_step, normalize_weights, compiled, restarts, *inputs, *stacked,
+                activation, retrieve, polyak, normalize_weights, compiled, restarts, *inputs, *stacked,
                 *reset_stacked,
             )
         else:
             y, stacked = _forward_chunks(
-                ACTIVATIONS[activation], retrieve, polyak_step, normalize_weights, inputs, stacked, saved=None,
+                ACTIVATIONS[activation], retrieve, polyak, normalize_weights, inputs, stacked, saved=None,
                 restarts=restarts, reset_states=reset_stacked,
             )
         y = grid.from_grid(y, B, H, T)
@@ -205,12 +213,14 @@ class _Intermediates(NamedTuple):
     zqs: list  # the queries' pre-activations, l < L
     scores: list  # X_l A_{l-1}^T
     scale: torch.Tensor | None  # the Polyak factors c [BH, C] (polyak_step), else None
+    probes: list | None  # with power steps: the unit power iterate u back-propagated, d(u . f) / dZ_l, else None
+    probe_backs: list | None  # and its (probe_{l+1} W_{l+1}^T), l < L
 
 
 def _forward_chunks(
     act: Activation,
     retrieve: str,
-    polyak: bool,
+    polyak: int | None,
     normalize: bool,
     inputs: tuple,
     states: list,
@@ -252,7 +262,7 @@ def _forward_chunks(
     return torch.stack(outputs, dim=1), states
 
 
-def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, states: list, targets: list, *chunk):
+def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: int | None, states: list, targets: list, *chunk):
     """`_chunk_forward`, then every end W_l's columns rescaled to `targets` [BH, 1, out_l]; also returns their
     clamped lengths before (the backward's r). One step, so torch.compile fuses the rescaling into it."""
     z, new_states, kept = _chunk_forward(act, retrieve, polyak, states, *chunk)
@@ -262,8 +272,8 @@ def _normalized_chunk_forward(act: Activation, retrieve: str, polyak: bool, stat
     return z, new_states, kept, norms
 
 
-def _normalized_chunk_backward(act: Activation, retrieve: str, polyak: bool, s: "_Intermediates", chunk: list, dy,
-                               d_ends: list, ends: list, targets: list, lengths: list):
+def _normalized_chunk_backward(act: Activation, retrieve: str, polyak: int | None, s: "_Intermediates", chunk: list,
+                               dy, d_ends: list, ends: list, targets: list, lengths: list):
     """`_chunk_backward` of `_normalized_chunk_forward`: d_ends (of the rescaled end states; changed in place
     in eager mode, left as they are under torch.compile) first through the rescaling (`_renormalized_backward`,
     given the rescaled ends and the lengths before), then through the step. Returns (the step's input gradients,
@@ -295,24 +305,25 @@ def _with_top(stacked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_forward(
-    act: Activation, retrieve: str, polyak: bool, states: list, k, v, q, retrieval, mixing, decay, carry, update
+    act: Activation, retrieve: str, polyak: int | None, states: list, k, v, q, retrieval, mixing, decay, carry, update
 ):
     """One chunk step: (outputs z [BH, C, d_out], chunk-end states, the `_Intermediates` of its backward).
-    With `polyak`, token i's inner gradient A_{l-1,i}^T Delta_{l,i} (rank one, so |.|^2 = |A|^2 |Delta|^2) sets
-    its factor c_i, which scales column i of mixing and row i of the update coefficients."""
+    `polyak`: None (no Polyak factor) or its power steps n. Token i's factor c_i scales column i of mixing and
+    row i of the update coefficients. n = 0: c_i comes from its loss and its inner gradient A_{l-1,i}^T Delta_{l,i}
+    (rank one, so |.|^2 = |A|^2 |Delta|^2); n > 0: from the curvature along its power iterate (`_probed_factors`)."""
     L = len(states)
     weights = [_top(s) for s in states]
-    acts, pres, backs = [k], [], []
+    acts, pres = [k], []
     for layer in range(L - 1):
         pres.append(acts[-1] @ weights[layer])
         acts.append(act.fn(pres[-1]))
-    deltas = [torch.baddbmm(v, acts[-1], weights[-1], beta=-2, alpha=2)]  # 2 (f(k) - v)
-    for layer in range(L - 1, 0, -1):
-        backs.insert(0, deltas[0] @ weights[layer].transpose(-1, -2))
-        deltas.insert(0, backs[0] * act.grad(pres[layer - 1]))
-    scale = None
-    if polyak:
+    deltas, backs = _backpropagated(act, torch.baddbmm(v, acts[-1], weights[-1], beta=-2, alpha=2), weights, pres)
+    scale, probes, probe_backs = None, None, None
+    if polyak == 0:
         scale = _polyak_factors(acts, deltas)
+    elif polyak is not None:
+        scale, probes, probe_backs = _probed_factors(act, acts, pres, weights, deltas[-1], polyak)
+    if scale is not None:
         mixing, update = mixing * scale[:, None, :], update * scale[:, :, None, None]
 
     xs, zqs, scores = [], [], []
@@ -329,7 +340,43 @@ def _chunk_forward(
             x = act.fn(z)
 
     new_states = [_updated(s, decay, carry, _paired(a, update), delta) for s, a, delta in zip(states, acts, deltas)]
-    return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores, scale)
+    return z, new_states, _Intermediates(states, acts, pres, deltas, backs, xs, zqs, scores, scale, probes,
+                                         probe_backs)
+
+
+def _backpropagated(act: Activation, seed: torch.Tensor, weights: list, pres: list) -> tuple[list, list]:
+    """seed [BH, C, d_out] back-propagated through the memory at `weights`, token by token: (chain_l =
+    d(seed . f(k)) / dZ_l for every layer (chain_{L-1} = seed), backs_l = chain_{l+1} W_{l+1}^T for l < L - 1).
+    With seed Delta_L = 2 (f(k) - v) the chain is the inner loss's errors Delta_l."""
+    chain, backs = [seed], []
+    for layer in range(len(weights) - 1, 0, -1):
+        backs.insert(0, chain[0] @ weights[layer].transpose(-1, -2))
+        chain.insert(0, backs[0] * act.grad(pres[layer - 1]))
+    return chain, backs
+
+
+def _probed_factors(act: Activation, acts: list, pres: list, weights: list, error: torch.Tensor, steps: int):
+    """The bounded step's factors c = `curvature_scale`(u^T K u) [BH, C] with K = J J^T (J = df(k)/dW, so
+    K = sum_l |A_{l-1}|^2 B_l B_l^T with B_l = df/dZ_l) and u the unit power iterate after `steps` steps of
+    K - (|A_{L-1}|^2 - rho) I from the token's error (K >= |A_{L-1}|^2 I: the shift speeds convergence, rho keeps a
+    zero K - |A_{L-1}|^2 I, as at depth 1, from zeroing u). u is computed without autograd and held constant, so
+    d(u^T K u) = u^T dK u, the derivative of lambda_max(K) where u is its eigenvector.
+    Also returns the probes (`_backpropagated` u: u^T K u = sum_l |A_{l-1}|^2 |probe_l|^2) and their backs."""
+    act_sq = [a.square().sum(-1, keepdim=True) for a in acts]
+    with torch.no_grad():
+        u = F.normalize(error, dim=-1, eps=POWER_EPS)
+        for _ in range(steps):
+            chain, _ = _backpropagated(act, u, weights, pres)
+            tangent = POLYAK_CURVATURE_FLOOR * u  # + (K - |A_{L-1}|^2 I) u: the JVP of sum_l |A_{l-1}|^2 B_l chain_l
+            carried = None
+            for layer in range(len(weights) - 1):
+                injected = act_sq[layer] * chain[layer]
+                carried = injected if carried is None else carried + injected
+                carried = (carried * act.grad(pres[layer])) @ weights[layer + 1]
+            u = F.normalize(tangent if carried is None else tangent + carried, dim=-1, eps=POWER_EPS)
+    probes, probe_backs = _backpropagated(act, u, weights, pres)
+    curvature = sum(a.squeeze(-1) * p.square().sum(-1) for a, p in zip(act_sq, probes))
+    return curvature_scale(curvature), probes, probe_backs
 
 
 def _updated(stacked, decay, carry, coef_acts, delta) -> torch.Tensor:
@@ -369,6 +416,32 @@ def _polyak_backward(s: "_Intermediates", d_scale: torch.Tensor, d_acts: list, d
         d_deltas[layer].add_(s.deltas[layer] * (2 * d_grad_sq * a_sq[layer])[..., None])
 
 
+def _probed_backward(s: "_Intermediates", d_scale: torch.Tensor, d_acts: list) -> list:
+    """Adds the gradient through the probed factors c = 1 / (2 (R + rho)), R = sum_l |A_{l-1}|^2 |probe_l|^2
+    (u held constant), to d_acts; returns the probes' gradients (that of the last, u, is not used)."""
+    d_curvature = -2 * s.scale.square() * d_scale
+    d_probes = []
+    for a, p, d_a in zip(s.acts, s.probes, d_acts):
+        d_a.add_(a * (2 * d_curvature * p.square().sum(-1))[..., None])
+        d_probes.append(p * (2 * d_curvature * a.square().sum(-1))[..., None])
+    return d_probes
+
+
+def _backpropagated_backward(act: Activation, pres: list, weights: list, chain: list, backs: list, d_chain: list,
+                             d_pres: list, d_weights: list) -> None:
+    """Backward of `_backpropagated`, in reverse of its order: chain_l = (chain_{l+1} W_{l+1}^T) * sigma'(Z_l).
+    d_chain is updated in place (d_chain[-1] ends as the seed's gradient); the gradients of Z_l (l < L - 1) and
+    W_l (l > 0) are added to d_pres, d_weights (None: not yet set)."""
+    for layer in range(len(weights) - 1):
+        z = pres[layer]
+        d_back = d_chain[layer] * act.grad(z)
+        d_pre = d_chain[layer] * backs[layer] * act.grad2(z)
+        d_pres[layer] = d_pre if d_pres[layer] is None else d_pres[layer].add_(d_pre)
+        d_chain[layer + 1].baddbmm_(d_back, weights[layer + 1])
+        d_weight = d_back.transpose(-1, -2) @ chain[layer + 1]
+        d_weights[layer + 1] = d_weight if d_weights[layer + 1] is None else d_weights[layer + 1].add_(d_weight)
+
+
 @functools.cache
 def _compiled(step, device_type: str):
     """torch.compile of a chunk step for fixed shapes (one graph per shape). On CPU the graph's wrapper is C++ as
@@ -381,7 +454,7 @@ class _ChunkLoop(torch.autograd.Function):
     tensors: the 8 chunked inputs, the L start states and, with `restarts`, the L reset states."""
 
     @staticmethod
-    def forward(ctx, activation: str, retrieve: str, polyak: bool, normalize: bool, compiled: bool,
+    def forward(ctx, activation: str, retrieve: str, polyak: int | None, normalize: bool, compiled: bool,
                 restarts: _Restarts | None, *tensors):
         depth = (len(tensors) - 8) // (1 if restarts is None else 2)
         inputs, states, reset_states = tensors[:8], list(tensors[8 : 8 + depth]), list(tensors[8 + depth :])
@@ -501,14 +574,15 @@ def _unpaired(d_paired: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> tu
     return (d_paired * coef).sum(-2), (d_paired * x[..., None, :]).sum(-1, keepdim=True)
 
 
-def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermediates, chunk: list, dy, d_ends: list):
+def _chunk_backward(act: Activation, retrieve: str, polyak: int | None, s: _Intermediates, chunk: list, dy,
+                    d_ends: list):
     """Vector-Jacobian product of one chunk step.
 
     Given dy [BH, C, d_out] and the gradients of the chunk-end states, returns the
     gradients of the chunk's inputs (k, v, q, retrieval, mixing, decay, carry, update) and of the chunk-start states.
     """
     k, v, q, retrieval, mixing, decay, carry, update = chunk
-    if polyak:  # the step used the scaled coefficients; their gradients are mapped back after the query side
+    if polyak is not None:  # the step used the scaled coefficients; their gradients map back after the query side
         mixing_raw, update_raw = mixing, update
         mixing, update = mixing * s.scale[:, None, :], update * s.scale[:, :, None, None]
     L = len(s.states)
@@ -549,21 +623,22 @@ def _chunk_backward(act: Activation, retrieve: str, polyak: bool, s: _Intermedia
             d_acts[layer].baddbmm_(d_u.transpose(-1, -2), x)
         dz = dx * act.grad(s.zqs[layer - 1]) if layer > 0 else dx
     dq = dz
-    if polyak:
+    d_probes = None
+    if polyak is not None:
         d_scale = (d_mixing * mixing_raw).sum(-2) + (d_update * update_raw).sum((-2, -1))
         d_mixing, d_update = d_mixing * s.scale[:, None, :], d_update * s.scale[:, :, None, None]
-        _polyak_backward(s, d_scale, d_acts, d_deltas)
+        if s.probes is None:
+            _polyak_backward(s, d_scale, d_acts, d_deltas)
+        else:
+            d_probes = _probed_backward(s, d_scale, d_acts)
 
     # Keys: first the inner backward pass Delta_l = (Delta_{l+1} W_{l+1}^T) * sigma'(Z_l), in reverse of its order.
     # Their weight gradients go to contiguous buffers first (an in-place matmul into the W half is slow).
     d_weights = [None] * L
     d_pres = [None] * (L - 1)
-    for layer in range(L - 1):
-        z = s.pres[layer]
-        d_back = d_deltas[layer] * act.grad(z)
-        d_pres[layer] = d_deltas[layer] * s.backs[layer] * act.grad2(z)
-        d_deltas[layer + 1].baddbmm_(d_back, weights[layer + 1])
-        d_weights[layer + 1] = d_back.transpose(-1, -2) @ s.deltas[layer + 1]
+    _backpropagated_backward(act, s.pres, weights, s.deltas, s.backs, d_deltas, d_pres, d_weights)
+    if d_probes is not None:
+        _backpropagated_backward(act, s.pres, weights, s.probes, s.probe_backs, d_probes, d_pres, d_weights)
     # Delta_L = 2 (A_{L-1} W_L - v).
     d_err = d_deltas[-1]
     d_acts[-1].baddbmm_(d_err, weights[-1].transpose(-1, -2), alpha=2)

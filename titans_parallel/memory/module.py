@@ -74,9 +74,9 @@ class NeuralMemory(nn.Module):
 
     Initialisation (normal, by standard deviation): in_proj and gate_proj weights init_std, out_proj out_std, conv
     1/sqrt(conv_kernel), W_0 layer l 1/sqrt(in_l); output norm weight 1; gate biases the module constants above.
-    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step`,
-    `momentum_ema` and `normalize_weights` are the scan's stabilisers (docs/memory.md); with all off the update is
-    the paper's rule.
+    `compile_scan` fuses the scan's chunk steps with torch.compile (see `memory_scan`). `polyak_step` (with its
+    `power_steps`), `momentum_ema` and `normalize_weights` are the scan's stabilisers (docs/memory.md); with all off
+    the update is the paper's rule.
     `learning = False` switches test-time learning off (theta = alpha = 0: the memory stays at W_0), to measure
     what it adds.
     Under tensor parallel `self.n_heads` is this rank's head count. Under sequence parallel x and the output are
@@ -309,6 +309,7 @@ class NeuralMemory(nn.Module):
             q[:, :, s], k[:, :, s], v[:, :, s], theta[:, :, s], eta[:, :, s], alpha[:, :, s], state,
             chunk_size=c.chunk_size, retrieve=c.retrieve, activation=c.activation, compile=c.compile_scan,
             polyak_step=c.polyak_step, momentum_ema=c.momentum_ema, normalize_weights=c.normalize_weights,
+            power_steps=c.power_steps,
             resets=None if resets is None else resets[:, s], reset_state=state,
         )
 

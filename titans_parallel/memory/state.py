@@ -26,6 +26,29 @@ def polyak_scale(loss: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
     return 2 * loss / (grad_sq + 4 * POLYAK_CURVATURE_FLOOR * loss + POLYAK_EPS)
 
 
+# The bounded step (`power_steps` n > 0, docs/memory.md): with r = f(k) - v and K = J J^T (J = df(k)/dW) the Polyak
+# factor is 1 / (2 (r^T K r / |r|^2 + rho)): it measures the curvature along the token's own error, which at depth
+# > 1 can be far below K's largest, and a step sized by it can then overshoot along K's top direction (the state
+# map expands and the outer gradient grows without bound). With n power steps from r the factor is
+# c = 1 / (2 (u^T K u + rho)), u the unit iterate, approaching 1 / (2 (lambda_max(K) + rho)): the normalised-LMS
+# step, which no direction overshoots at theta <= 1. u is held constant in differentiation.
+POWER_EPS = 1e-30  # a zero vector stays zero when normalised
+
+
+def curvature_scale(curvature: torch.Tensor) -> torch.Tensor:
+    """c = 1 / (2 (R + rho)) per token, from the curvature R = u^T K u along its unit power iterate u."""
+    return 1 / (2 * (curvature + POLYAK_CURVATURE_FLOOR))
+
+
+def check_power_steps(power_steps: int, polyak_step: bool) -> int | None:
+    """The power steps of the Polyak factor's curvature, or None without it; raises ValueError on bad input."""
+    if not isinstance(power_steps, int) or power_steps < 0:
+        raise ValueError(f"power_steps must be an int >= 0; got {power_steps!r}")
+    if power_steps and not polyak_step:
+        raise ValueError(f"power_steps={power_steps} sets the Polyak step's curvature; it needs polyak_step=True")
+    return power_steps if polyak_step else None
+
+
 # `normalize_weights=True` (docs/memory.md): at every chunk end each memory weight matrix W_l [.., in, out] has its
 # columns rescaled to the lengths they had at the start of the call, so an update turns the weights but cannot
 # grow them, and the Jacobian of a chunk's update stays near an isometry. A column shorter than WEIGHT_NORM_EPS
