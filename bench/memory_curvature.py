@@ -7,8 +7,10 @@
 
 A float64 token loop (chunk 1) of the default rule (momentum_ema, normalize_weights) whose step factor c_t is one
 of: `polyak` (the scan's: 2 l / (|g|^2 + 4 rho l)), `exact` (1 / (2 (lambda_max(K) + rho)), the normalised-LMS step),
-`trace` (1 / (2 (trace bound + rho))) or `power1` / `power2` (lambda_max estimated by a Rayleigh quotient after
-1/2 or 1 power steps from r: `power_estimate`). With J = d f(k; W) / dW and r = f(k; W) - v, K = J J^T =
+`trace` (1 / (2 (trace bound + rho))), `power1` / `power2` (lambda_max estimated by a Rayleigh quotient after
+1/2 or 1 power steps from r, differentiated through: `power_estimate`) or `boundedN` / `unshiftedN` (the scan's
+`power_steps` rule: N power steps of K - (|A_{L-1}|^2 - rho) I, or of K, from r, the iterate held constant:
+`held_estimate`). With J = d f(k; W) / dW and r = f(k; W) - v, K = J J^T =
 sum_l |A_{l-1}|^2 B_l B_l^T (A_{l-1}: layer l's input, B_l = d f / d z_l); |g|^2 = 4 r^T K r. In the Gauss-Newton
 view the step's state Jacobian has an eigenvalue near 1 - theta c 2 lambda_max, which is below -1 (the map
 expands) once theta * lambda_max |r|^2 / r^T K r > 2 under the Polyak factor: that ratio is 1 for a linear memory
@@ -31,7 +33,8 @@ from titans_parallel.memory.reference import memory_scan_reference
 RHO, EPS, GATE_EPS, NORM_EPS = 1e-2, 1e-12, 1e-6, 1e-12
 EXPANSION, WIDTH = 4, 32
 DTYPE = torch.float64
-FACTORS = ("polyak", "exact", "trace", "power1", "power2")
+FACTORS = ("polyak", "exact", "trace", "power1", "power2", "bounded2", "bounded4", "unshifted2", "unshifted4",
+           "unshifted8")
 
 
 def initial_weights(batch: int, depth: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -79,6 +82,15 @@ def power_estimate(K: torch.Tensor, r: torch.Tensor, power: int) -> torch.Tensor
     return (u * Ku).sum(-1) / u.square().sum(-1)
 
 
+def held_estimate(K: torch.Tensor, shift: torch.Tensor, r: torch.Tensor, steps: int) -> torch.Tensor:
+    """u^T K u with u the unit iterate after `steps` power steps of K - shift I from r, held constant (no gradient)."""
+    with torch.no_grad():
+        u = F.normalize(r, dim=-1, eps=1e-30)
+        for _ in range(steps):
+            u = F.normalize(torch.einsum("bop,bp->bo", K, u) - shift[:, None] * u, dim=-1, eps=1e-30)
+    return torch.einsum("bo,bop,bp->b", u, K, u)
+
+
 def scan(q, k, v, theta, eta, alpha, weights, factor: str = "polyak", record: bool = False):
     """The default rule, token by token, with step factor `factor`. Returns outputs [B, T, d], end weights and
     (with `record`) per-token dicts of the curvature figures."""
@@ -118,8 +130,12 @@ def scan(q, k, v, theta, eta, alpha, weights, factor: str = "polyak", record: bo
             c = 1 / (2 * (torch.linalg.eigvalsh(K)[..., -1] + RHO))
         elif factor == "trace":
             c = 1 / (2 * (trace_bound + RHO))
-        else:
+        elif factor.startswith("power"):
             c = 1 / (2 * (power_estimate(K, r, int(factor[-1])) + RHO))
+        else:
+            shift = act_sq[-1] - RHO if factor.startswith("bounded") else torch.zeros_like(act_sq[-1])
+            steps = int(factor.removeprefix("bounded").removeprefix("unshifted"))
+            c = 1 / (2 * (held_estimate(K, shift, r, steps) + RHO))
         if record:
             with torch.no_grad():
                 lam = torch.linalg.eigvalsh(K)[..., -1]

@@ -8,7 +8,7 @@
    depth, chunk size and input precision; reports whether outputs, end state and every input gradient are finite,
    the largest |W| at the end and the largest input-gradient norm, for each rule in --rules: the paper's rule,
    the stabilised rule (polyak_step + momentum_ema), that rule with normalize_weights, that with the bounded
-   step (power_steps 4) and `defaults` (MemoryConfig's at each depth: the bounded step deeper than 2).
+   step (--power-steps, default 4) and `defaults` (MemoryConfig's at each depth: the bounded step deeper than 2).
 2. store: the memory alone as an associative store: --pairs random key/value pairs, then --filler random writes,
    constant gates (eta 0.9, alpha 0); recall = the share of the pairs' keys whose retrieval is nearest (cosine) to
    their own value among the pairs' values. Swept over theta_max for each rule.
@@ -36,8 +36,10 @@ RULES = {
 }
 
 
-def rule_options(rule: str, depth: int) -> dict:
-    """The scan options of a rule at a memory depth."""
+def rule_options(rule: str, depth: int, power_steps: int) -> dict:
+    """The scan options of a rule at a memory depth (`bounded` with `power_steps`)."""
+    if rule == "bounded":
+        return dict(RULES[rule], power_steps=power_steps)
     if RULES[rule] is not None:
         return RULES[rule]
     config = MemoryConfig(depth=depth)
@@ -85,7 +87,7 @@ def run_sweep(args) -> None:
         start = time.perf_counter()
         cells = []
         for theta_max in args.thetas:
-            options = rule_options(rule, depth)
+            options = rule_options(rule, depth, args.power_steps)
             finite, w_max, grad_norm = sweep_case(theta_max, depth, chunk, dtypes[dtype], options, args)
             failures[rule] += not finite
             cells.append(f"{'ok' if finite else 'NONFINITE':>9s} {w_max:6.2g} {grad_norm:7.1e}")
@@ -118,7 +120,7 @@ def run_store(args) -> None:
           f"eta 0.9, chunk 16; recall of the pairs (chance {1 / args.pairs:.2f})")
     print(f"{'rule':11s} " + " ".join(f"{t:>7g}" for t in args.store_thetas) + "   best / at best/3 / at best*3")
     for rule in args.rules:
-        options = rule_options(rule, args.store_depth)
+        options = rule_options(rule, args.store_depth, args.power_steps)
         recalls = [store_recall(t, options, args) for t in args.store_thetas]
         best = max(range(len(recalls)), key=recalls.__getitem__)
         around = [recalls[i] if 0 <= i < len(recalls) else float("nan") for i in (best - 1, best + 1)]
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16", "fp64"),
                         help="fp64: the gradient's growth without overflow")
+    parser.add_argument("--power-steps", type=int, default=4, help="of the bounded rule")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--filler", type=int, default=64)
     parser.add_argument("--store-batch", type=int, default=64)
