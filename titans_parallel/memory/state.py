@@ -30,8 +30,9 @@ def polyak_scale(loss: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
 # factor is 1 / (2 (r^T K r / |r|^2 + rho)): it measures the curvature along the token's own error, which at depth
 # > 1 can be far below K's largest, and a step sized by it can then overshoot along K's top direction (the state
 # map expands and the outer gradient grows without bound). With n power steps from r the factor is
-# c = 1 / (2 (u^T K u + rho)), u the unit iterate, approaching 1 / (2 (lambda_max(K) + rho)): the normalised-LMS
-# step, which no direction overshoots at theta <= 1. u is held constant in differentiation.
+# c = 1 / (2 (u^T K u + rho)), u the unit iterate, approaching 1 / (2 (lambda_max(K) + rho)), the normalised-LMS
+# step: in the Gauss-Newton view one token's step then overshoots in no direction at theta <= 1 (a chunk sums C of
+# them at one state, which can). u is held constant in differentiation.
 POWER_EPS = 1e-30  # a zero vector stays zero when normalised
 
 
