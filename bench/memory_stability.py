@@ -59,7 +59,7 @@ def sweep_case(
     theta_max: float, depth: int, chunk: int, dtype: torch.dtype, rule: dict, args
 ) -> tuple[bool, float, float]:
     """(everything finite, max |W| at the end, largest input-gradient norm) for one forward + backward."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     B, H, T, d = args.batch, args.heads, args.seq, args.head_dim
     q, k = (F.normalize(torch.randn(B, H, T, d, generator=g), dim=-1) for _ in range(2))
     v = torch.randn(B, H, T, d, generator=g)
@@ -78,8 +78,8 @@ def sweep_case(
 
 def run_sweep(args) -> None:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-    print(f"sweep: T={args.seq} B={args.batch} H={args.heads} d={args.head_dim}; cell = finite? max|W| at the end, "
-          f"largest input-gradient norm")
+    print(f"sweep: T={args.seq} B={args.batch} H={args.heads} d={args.head_dim} seed {args.seed}; cell = finite? "
+          f"max|W| at the end, largest input-gradient norm")
     header = f"{'rule':11s} {'depth':>5s} {'chunk':>5s} {'dtype':>5s} " + " ".join(f"{t:>24g}" for t in args.thetas)
     print(header)
     failures = {rule: 0 for rule in args.rules}
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16", "fp64"),
                         help="fp64: the gradient's growth without overflow")
     parser.add_argument("--power-steps", type=int, default=4, help="of the bounded rule")
+    parser.add_argument("--seed", type=int, default=0, help="of the sweep's inputs, gates and weights")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--filler", type=int, default=64)
     parser.add_argument("--store-batch", type=int, default=64)
