@@ -113,12 +113,19 @@ def main(argv: list[str] | None = None) -> None:
                          f"{config.parallel.tp} * {config.parallel.cp}")
     ensure_distributed_env()
     flush_denormals()
+    started_group = not dist.is_initialized()
     try:
         result = train(config, resume_from=args.resume_from, reset_data_position=args.reset_data_position)
     except (checkpoint.CheckpointError, DivergenceError) as e:  # one line; rank 0 speaks for errors all ranks share
         if os.environ.get("RANK", "0") == "0" or not getattr(e, "agreed", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    finally:
+        # The process group train() started is torn down while the interpreter is whole: left to interpreter exit,
+        # gloo's worker threads can abort the process (SIGABRT, "terminate called without an active exception")
+        # after a run that finished, and the launcher then reports failure.
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()
     if result.preempted:
         mark_clean_exit()  # tells the launch scripts' supervisor this rank stopped cleanly
 

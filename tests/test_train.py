@@ -4,6 +4,7 @@
 import json
 import math
 import re
+import socket
 
 import pytest
 import torch
@@ -57,6 +58,27 @@ def test_world_size_not_divisible_by_tp_fails_before_any_process_group(monkeypat
     with pytest.raises(SystemExit, match="world size 3 is not divisible by parallel.tp=2"):
         train.main(["--config", "configs/train/tiny_cpu.yaml", "parallel.tp=2"])
     assert not torch.distributed.is_initialized()
+
+
+def test_a_finished_job_tears_down_the_process_group_it_started(monkeypatch, tmp_path, small_dataset):
+    """main() on one rank (no launcher) trains, then destroys its gloo group before returning, rather than leaving
+    it to interpreter exit, where gloo's threads can abort a run that finished."""
+    import torch.distributed as dist
+    from pretrain import train
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    assert not dist.is_initialized()
+    train.main(["--config", "configs/train/tiny_cpu.yaml", f"data.path={small_dataset}", "data.seq_len=64",
+                "model.vocab_size=512", "train.steps=1", "train.micro_batch_size=2", "train.eval_every=0",
+                f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=0", "logging.progress=false",
+                "logging.tensorboard_dir=null", f"logging.metrics_file={tmp_path / 'metrics.jsonl'}"])
+    assert (tmp_path / "metrics.jsonl").read_text().strip()  # it did train
+    assert not dist.is_initialized()
 
 
 def test_deepspeed_config_is_derived():
